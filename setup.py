@@ -1,0 +1,36 @@
+"""tfusion: Transfusion pretraining in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tfusion",
+    version="0.1.0",
+    description="Transfusion (next-token text + diffusion images, one transformer) in JAX/Flax",
+    python_requires=">=3.11",
+    packages=find_packages(include=["tfusion", "tfusion.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "array-record>=0.8",
+        "tensorflow-datasets>=4.9",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        "absl-py",
+        "numpy>=1.26",
+        "scipy",
+        "pillow",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "scikit-learn", "scikit-image"],
+    },
+    entry_points={
+        "console_scripts": [
+            "tfusion-param-count=tfusion.param_count:main",
+        ],
+    },
+)

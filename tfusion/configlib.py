@@ -1,0 +1,118 @@
+"""Config as code: every key with its default and meaning, and the paper's model sizes.
+
+Config files in experiments/configs/ start from `base_config()` and change what they need;
+command lines override single keys with `--config.key=value`. Unknown keys are errors.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+# Paper sizes (PAPER.md): layers, d_model, heads, head_dim. FFN width follows Llama:
+# 8/3 * d rounded up to a multiple of 256.
+PAPER_SIZES = {
+    "0.16B": dict(num_layers=16, d_model=768, num_heads=12, head_dim=64),
+    "0.37B": dict(num_layers=24, d_model=1024, num_heads=16, head_dim=64),
+    "0.76B": dict(num_layers=24, d_model=1536, num_heads=24, head_dim=64),
+    "1.4B": dict(num_layers=24, d_model=2048, num_heads=16, head_dim=128),
+    "7B": dict(num_layers=32, d_model=4096, num_heads=32, head_dim=128),
+}
+
+# Llama 2's 32000 pieces + <boi>, <eoi>, padded to a multiple of 128 (even tensor sharding).
+PAPER_VOCAB_SIZE = 32128
+
+
+def llama_mlp_dim(d_model, multiple_of=256):
+  hidden = int(8 * d_model / 3)
+  return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def model_config(size=None):
+  """The `config.model` block; `size` picks a paper preset (else a tiny model)."""
+  m = ml_collections.ConfigDict()
+  m.vocab_size = 512
+  m.d_model = 64
+  m.num_layers = 2
+  m.num_heads = 4
+  m.num_kv_heads = 4  # < num_heads for grouped-query attention
+  m.head_dim = 16
+  m.mlp_dim = 192
+  m.rope_theta = 10000.0
+  m.norm_eps = 1e-5
+  m.qk_norm = False  # the paper does not use it
+  m.tie_embeddings = False
+  m.dtype = "float32"  # compute dtype; parameters are float32
+  m.attention_impl = "dense"  # dense (reference) | jax (jax.nn.dot_product_attention)
+  m.remat = "none"  # none | full | dots
+  m.intra_image = "bidirectional"  # bidirectional (paper) | causal (ablation)
+  m.max_len = 256  # context length used by generation
+
+  m.image = ml_collections.ConfigDict()
+  m.image.latent_size = 8  # h = w of the VAE latent
+  m.image.latent_channels = 4
+  m.image.patch_size = 2  # 1, 2, 4, 8
+  m.image.encoder = "linear"  # linear | unet
+  # U-Net widths per level (level i is the latent downsampled 2^i times); patch size p uses
+  # the first log2(p) + 1 entries.
+  m.image.unet_channels = (32, 64, 64, 64)
+  m.image.unet_blocks_per_level = 1
+
+  if size is not None:
+    if size not in PAPER_SIZES:
+      raise ValueError(f"unknown model size {size!r}; choose from {list(PAPER_SIZES)}")
+    m.update(PAPER_SIZES[size])
+    m.num_kv_heads = m.num_heads
+    m.mlp_dim = llama_mlp_dim(m.d_model)
+    m.vocab_size = PAPER_VOCAB_SIZE
+    m.max_len = 4096
+    m.dtype = "bfloat16"
+    m.image.latent_size = 32  # 256x256 images through an 8x VAE
+    m.image.latent_channels = 8
+    # Sized so the U-Net adds about 0.27B parameters at 2x2 patches, as in the paper.
+    m.image.unet_channels = (512, 1024, 1024, 1024)
+    m.image.unet_blocks_per_level = 2
+  return m
+
+
+def base_config():
+  """All keys with their defaults (a tiny model; paper optimizer settings)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config()
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.objective = "ddpm"  # ddpm (paper) | flow (rectified flow)
+  c.diffusion.num_train_steps = 1000
+  c.diffusion.time_sampling = "logit_normal"  # flow only: logit_normal | uniform
+  c.diffusion.logit_mean = 0.0
+  c.diffusion.logit_std = 1.0
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.image_weight = 5.0  # lambda
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 3e-4
+  c.optim.end_lr = 1.5e-5
+  c.optim.warmup_steps = 4000
+  c.optim.decay_steps = 250_000  # cosine decay ends here (usually = total steps)
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1
+  c.optim.decay_norms_and_embeddings = False
+  c.optim.grad_clip = 1.0
+  return c
+
+
+def load_config_file(spec):
+  """Loads `path.py[:arg]` by calling its `get_config(arg)`. Returns a ConfigDict."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location("_tfusion_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path!r} has no get_config()")
+  return module.get_config(arg) if arg else module.get_config()
