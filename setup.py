@@ -27,6 +27,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "scikit-learn", "scikit-image"],
+        # PyTorch reference implementations, only for the equivalence tests. Exact pins: these
+        # wheels are on the CI machines' disk (a looser torch would pull a multi-GB CUDA build).
+        "crosscheck": ["torch==2.14.1", "torchvision==0.29.1", "diffusers", "pytorch-fid",
+                       "open_clip_torch"],
     },
     entry_points={
         "console_scripts": [

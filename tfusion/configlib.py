@@ -9,6 +9,8 @@ import os
 
 import ml_collections
 
+from tfusion.data.config import data_config
+
 # Paper sizes (PAPER.md): layers, d_model, heads, head_dim. FFN width follows Llama:
 # 8/3 * d rounded up to a multiple of 256.
 PAPER_SIZES = {
@@ -70,7 +72,7 @@ def model_config(size=None):
     m.image.latent_size = 32  # 256x256 images through an 8x VAE
     m.image.latent_channels = 8
     # Sized so the U-Net adds about 0.27B parameters at 2x2 patches, as in the paper.
-    m.image.unet_channels = (512, 1024, 1024, 1024)
+    m.image.unet_channels = (768, 1536, 1536, 1536)
     m.image.unet_blocks_per_level = 2
   return m
 
@@ -80,6 +82,7 @@ def base_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = model_config()
+  c.data = data_config()
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.objective = "ddpm"  # ddpm (paper) | flow (rectified flow)
