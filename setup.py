@@ -35,6 +35,7 @@ setup(
     entry_points={
         "console_scripts": [
             "tfusion-param-count=tfusion.param_count:main",
+            "tfusion-convert-mc=tfusion.evaluate.mc_convert:main",
         ],
     },
 )

@@ -127,6 +127,16 @@ class Transfusion(nn.Module):
     per_slot = gather_patches(h, image_index, temb.shape[1], self.num_patches)
     return self.image_out(per_slot, temb, skips).astype(jnp.float32)
 
+  def text_forward(self, tokens, positions, segment_ids):
+    """Text-only rows (no image positions): int [B, L] x3 -> float32 logits [B, L, V].
+
+    Documents packed in a row do not see each other (segment_ids); used by text evaluation.
+    """
+    x = nn.with_logical_constraint(self.embedding(tokens), ("batch", "length", "embed"))
+    mask = attention_lib.attention_mask(segment_ids, jnp.full_like(segment_ids, -1))
+    h, _ = self.run_trunk(x, positions, mask)
+    return self.text_logits(h)
+
   def __call__(self, tokens, positions, segment_ids, image_index, noisy_latents, image_time):
     """Training forward pass over packed rows.
 

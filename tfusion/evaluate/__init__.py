@@ -1,0 +1,1 @@
+"""Evaluation: FID, CLIP score, captioning, perplexity, multiple choice."""
