@@ -68,7 +68,7 @@ class Transfusion(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.embedding = nn.Embed(
         cfg.vocab_size, cfg.d_model, dtype=dtype, name="embedding",
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")))
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
     self.time_embedding = image_io.TimestepEmbedding(cfg.d_model, dtype=jnp.float32)
     if img.encoder == "linear":
       self.image_in = image_io.LinearEncoder(cfg.d_model, img.patch_size, dtype=dtype)
