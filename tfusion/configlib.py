@@ -105,6 +105,23 @@ def base_config():
   c.optim.weight_decay = 0.1
   c.optim.decay_norms_and_embeddings = False
   c.optim.grad_clip = 1.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100
+  c.train.log_every = 10  # steps between log lines / metric records
+  c.train.validate_batches = True  # check each host batch against the contract (cheap numpy)
+  c.train.max_nonfinite_steps = 10  # stop after this many skipped non-finite steps in a row
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 50
+  c.checkpoint.keep = 3  # the newest checkpoints kept
+  c.checkpoint.keep_period = 0  # also keep every step divisible by this forever (0: none)
+  c.checkpoint.async_save = True
   return c
 
 

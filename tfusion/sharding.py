@@ -79,3 +79,31 @@ def logical_to_sharding(logical_tree, mesh, rules=LOGICAL_RULES):
 def batch_sharding(mesh):
   """Sharding of a [B, ...] batch array: B over ('data', 'fsdp')."""
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def process_rows(mesh, global_batch):
+  """Rows [start, start + count) of the global batch whose shards live on this process.
+
+  The training job reads exactly these rows on this process. Raises when the global batch does
+  not divide the batch axes or this process's rows are not one contiguous block.
+  """
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch % batch_devices:
+    raise ValueError(f"config.data.batch_size={global_batch} is not divisible by the mesh's "
+                     f"batch axes data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}")
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  rows = sorted({r for idx in index_map.values() for r in range(*idx[0].indices(global_batch))})
+  if rows != list(range(rows[0], rows[0] + len(rows))):
+    raise ValueError("this process's batch rows are not contiguous on the mesh; order the "
+                     "devices so each process holds a contiguous block of the batch axes")
+  return rows[0], len(rows)
+
+
+def global_batch_from_local(mesh, local_batch, global_batch):
+  """Assembles global jax arrays [global_batch, ...] from this process's rows (numpy)."""
+  shard = batch_sharding(mesh)
+
+  def build(x):
+    return jax.make_array_from_process_local_data(shard, x, (global_batch,) + x.shape[1:])
+
+  return jax.tree.map(build, local_batch)

@@ -53,6 +53,23 @@ def apply_rope(x, positions, theta):
   return out.astype(x.dtype)
 
 
+class Projection(nn.Module):
+  """A bias-free linear map as one einsum over a kernel of shape `shape` (logical `names`).
+
+  Used instead of nn.DenseGeneral, whose initializer sees a flattened kernel shape and so
+  cannot carry one logical name per kernel axis.
+  """
+  shape: tuple
+  names: tuple
+  equation: str
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _param(_DENSE_INIT, self.names), self.shape)
+    return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
 class Attention(nn.Module):
   """Multi-head (optionally grouped-query) self-attention without biases.
 
@@ -72,12 +89,11 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, positions, mask, cache=None, cache_index=None):
     d_model = x.shape[-1]
-    dense = lambda feats, names, axis, name: nn.DenseGeneral(
-        feats, axis=axis, use_bias=False, dtype=self.dtype, name=name,
-        kernel_init=_param(_DENSE_INIT, names))
-    q = dense((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), -1, "q")(x)
-    k = dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), -1, "k")(x)
-    v = dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), -1, "v")(x)
+    proj = lambda heads, names, name: Projection(
+        (d_model, heads, self.head_dim), names, "bld,dhk->blhk", self.dtype, name=name)(x)
+    q = proj(self.num_heads, ("embed", "heads", "head_dim"), "q")
+    k = proj(self.num_kv_heads, ("embed", "kv_heads", "head_dim"), "k")
+    v = proj(self.num_kv_heads, ("embed", "kv_heads", "head_dim"), "v")
     if self.qk_norm:
       q = RMSNorm(self.norm_eps, self.dtype, "head_dim", name="q_norm")(q)
       k = RMSNorm(self.norm_eps, self.dtype, "head_dim", name="k_norm")(k)
@@ -91,9 +107,8 @@ class Attention(nn.Module):
       new_cache = {"k": k, "v": v}
       k, v = k.astype(self.dtype), v.astype(self.dtype)
     out = attention_lib.dot_product_attention(q, k, v, mask, implementation=self.implementation)
-    out = nn.DenseGeneral(
-        d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype, name="o",
-        kernel_init=_param(_DENSE_INIT, ("heads", "head_dim", "embed")))(out)
+    out = Projection((self.num_heads, self.head_dim, d_model), ("heads", "head_dim", "embed"),
+                     "blhk,hkd->bld", self.dtype, name="o")(out)
     return out, new_cache
 
 

@@ -1,0 +1,46 @@
+"""The optimizer: AdamW, linear warmup then cosine decay to a floor, global-norm clipping.
+
+Paper defaults (PAPER.md): b1=0.9, b2=0.95, eps=1e-8, lr 3e-4 with 4000 warmup steps and cosine
+decay to 1.5e-5, weight decay 0.1, clip 1.0. Weight decay skips norm scales, biases and
+embeddings (token, patch position) unless `config.optim.decay_norms_and_embeddings`.
+"""
+
+import flax
+import jax
+import optax
+
+_NO_DECAY_NAMES = ("scale", "bias", "embedding")
+
+
+def learning_rate_schedule(optim_config):
+  """step -> learning rate: 0 -> lr linearly over warmup_steps, cosine to end_lr at decay_steps."""
+  c = optim_config
+  if c.decay_steps <= c.warmup_steps:
+    raise ValueError(f"config.optim.decay_steps={c.decay_steps} must exceed "
+                     f"config.optim.warmup_steps={c.warmup_steps}")
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=c.lr, warmup_steps=c.warmup_steps, decay_steps=c.decay_steps,
+      end_value=c.end_lr)
+
+
+def weight_decay_mask(params):
+  """True for parameters that get weight decay (matrices), False for norms/biases/embeddings."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  mask = {path: not any(part in _NO_DECAY_NAMES for part in path) for path in flat}
+  return flax.traverse_util.unflatten_dict(mask)
+
+
+def make_optimizer(optim_config):
+  """Returns (optax.GradientTransformation, schedule)."""
+  c = optim_config
+  schedule = learning_rate_schedule(c)
+  mask = None if c.decay_norms_and_embeddings else weight_decay_mask
+  tx = optax.chain(
+      optax.clip_by_global_norm(c.grad_clip) if c.grad_clip > 0 else optax.identity(),
+      optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask),
+  )
+  return tx, schedule
+
+
+def global_norm(tree):
+  return optax.global_norm(jax.tree.leaves(tree))
