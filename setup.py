@@ -24,6 +24,8 @@ setup(
         "pillow",
         "matplotlib",
         "tqdm",
+        # TensorBoard event files without TensorFlow (its event writer is TF-free).
+        "tensorboard",
     ],
     extras_require={
         "test": ["pytest>=8", "scikit-learn", "scikit-image"],
@@ -34,6 +36,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "tfusion-train=tfusion.train:main",
             "tfusion-param-count=tfusion.param_count:main",
             "tfusion-convert-mc=tfusion.evaluate.mc_convert:main",
         ],

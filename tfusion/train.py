@@ -137,7 +137,13 @@ def train_and_evaluate(config, workdir, *, on_log: Optional[Callable] = None):
   num_patches = (config.model.image.latent_size // config.model.image.patch_size) ** 2
   shardings = train_state.state_shardings(config, mesh)
   ckpt_dir = checkpoint_lib.checkpoint_dir(workdir)
-  if os.path.isdir(ckpt_dir):
+  if jax.process_count() > 1:  # every process looks at the workdir before any writes to it
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("tfusion:inspect-workdir")
+  has_checkpoints = os.path.isdir(ckpt_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("tfusion:inspected-workdir")
+  if has_checkpoints:
     reader = checkpoint_lib.Checkpointer(workdir, read_only=True)
     steps = reader.all_steps()
     if steps:
@@ -177,53 +183,58 @@ def train_and_evaluate(config, workdir, *, on_log: Optional[Callable] = None):
   _print(f"training {config.model.num_layers}x{config.model.d_model} "
          f"({train_state.param_count(state) / 1e6:.2f}M params) on {mesh.devices.size} devices "
          f"mesh {dict(mesh.shape)}, steps {start}->{total}, workdir {workdir}")
-  for step in range(start, total):
-    preempted = preemption.requested or (
-        jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
-    if preempted:
-      stop_reason = "preempted"
-      break
-    local = next(data_iter)
-    if config.train.validate_batches:
-      try:
-        batch_lib.check_batch_values(local, num_patches=num_patches)
-      except batch_lib.BatchContractError as e:
-        raise batch_lib.BatchContractError(f"batch of step {step}: {e}") from None
-    window_tokens += int((local["segment_ids"] > 0).sum()) * jax.process_count()
-    batch = sharding.global_batch_from_local(mesh, local, config.data.batch_size)
-    state, out = step_fn(state, batch)
-    window_steps += 1
-    # Check the previous step's finiteness now: the device runs ahead by one step.
+  try:
+    for step in range(start, total):
+      preempted = preemption.requested or (
+          jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
+      if preempted:
+        stop_reason = "preempted"
+        break
+      local = next(data_iter)
+      if config.train.validate_batches:
+        try:
+          batch_lib.check_batch_values(local, num_patches=num_patches)
+        except batch_lib.BatchContractError as e:
+          raise batch_lib.BatchContractError(f"batch of step {step}: {e}") from None
+      window_tokens += int((local["segment_ids"] > 0).sum()) * jax.process_count()
+      batch = sharding.global_batch_from_local(mesh, local, config.data.batch_size)
+      state, out = step_fn(state, batch)
+      window_steps += 1
+      # Check the previous step's finiteness now: the device runs ahead by one step.
+      if pending is not None:
+        nonfinite_run, skipped = _count_nonfinite(pending, nonfinite_run, skipped, step - 1, config)
+      pending = out
+      if (step + 1) % log_every == 0 or step + 1 == total:
+        nonfinite_run, skipped = _count_nonfinite(pending, nonfinite_run, skipped, step, config)
+        pending = None
+        last = {k: float(v) for k, v in jax.device_get(out).items() if k != "finite"}
+        elapsed = time.perf_counter() - window_start
+        step_time = elapsed / window_steps
+        tokens_per_s = window_tokens / elapsed
+        scalars = dict(last, step_time=step_time, tokens_per_s=tokens_per_s,
+                       skipped_steps=skipped)
+        if peak:
+          scalars["mfu"] = flops_per_step / step_time / peak
+        writer.write(step + 1, scalars)
+        eta = (total - step - 1) * step_time
+        mfu = f" mfu {scalars['mfu'] * 100:.1f}%" if peak else ""
+        _print(f"step {step + 1}/{total} loss {last['loss']:.4f} text {last['text_loss']:.4f} "
+               f"image {last['image_loss']:.4f} grad_norm {last['grad_norm']:.3f} lr {last['lr']:.2e} "
+               f"{tokens_per_s:,.0f} tok/s {step_time * 1000:.0f} ms/step{mfu} "
+               f"eta {_fmt_duration(eta)}")
+        if on_log is not None:
+          on_log(step + 1, scalars)
+        window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+      if (step + 1) % config.checkpoint.every_steps == 0 and step + 1 < total:
+        ckpt.save(step + 1, state, data_iter.get_state(), config_json)
+    else:
+      step = total
     if pending is not None:
       nonfinite_run, skipped = _count_nonfinite(pending, nonfinite_run, skipped, step - 1, config)
-    pending = out
-    if (step + 1) % log_every == 0 or step + 1 == total:
-      nonfinite_run, skipped = _count_nonfinite(pending, nonfinite_run, skipped, step, config)
-      pending = None
-      last = {k: float(v) for k, v in jax.device_get(out).items() if k != "finite"}
-      elapsed = time.perf_counter() - window_start
-      step_time = elapsed / window_steps
-      tokens_per_s = window_tokens / elapsed
-      scalars = dict(last, step_time=step_time, tokens_per_s=tokens_per_s,
-                     skipped_steps=skipped)
-      if peak:
-        scalars["mfu"] = flops_per_step / step_time / peak
-      writer.write(step + 1, scalars)
-      eta = (total - step - 1) * step_time
-      mfu = f" mfu {scalars['mfu'] * 100:.1f}%" if peak else ""
-      _print(f"step {step + 1}/{total} loss {last['loss']:.4f} text {last['text_loss']:.4f} "
-             f"image {last['image_loss']:.4f} grad_norm {last['grad_norm']:.3f} lr {last['lr']:.2e} "
-             f"{tokens_per_s:,.0f} tok/s {step_time * 1000:.0f} ms/step{mfu} "
-             f"eta {_fmt_duration(eta)}")
-      if on_log is not None:
-        on_log(step + 1, scalars)
-      window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-    if (step + 1) % config.checkpoint.every_steps == 0 and step + 1 < total:
-      ckpt.save(step + 1, state, data_iter.get_state(), config_json)
-  else:
-    step = total
-  if pending is not None:
-    nonfinite_run, skipped = _count_nonfinite(pending, nonfinite_run, skipped, step - 1, config)
+  except BaseException:
+    ckpt.close()  # let started saves finish: they hold good states
+    writer.close()
+    raise
   final_step = int(jax.device_get(state["step"]))
   if final_step not in ckpt.all_steps():
     ckpt.save(final_step, state, data_iter.get_state(), config_json, force=True)
