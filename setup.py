@@ -26,6 +26,8 @@ setup(
         "tqdm",
         # TensorBoard event files without TensorFlow (its event writer is TF-free).
         "tensorboard",
+        # Reads diffusers' VAE weights (.safetensors) with numpy, no PyTorch.
+        "safetensors",
     ],
     extras_require={
         "test": ["pytest>=8", "scikit-learn", "scikit-image"],
@@ -38,6 +40,8 @@ setup(
         "console_scripts": [
             "tfusion-train=tfusion.train:main",
             "tfusion-param-count=tfusion.param_count:main",
+            "tfusion-train-vae=tfusion.vae.train:main",
+            "tfusion-vae-stats=tfusion.vae.stats:main",
             "tfusion-convert-mc=tfusion.evaluate.mc_convert:main",
         ],
     },
