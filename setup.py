@@ -28,6 +28,7 @@ setup(
         "tensorboard",
         # Reads diffusers' VAE weights (.safetensors) with numpy, no PyTorch.
         "safetensors",
+        "msgpack",  # the record schema (tfusion/data/records.py); also a flax dependency
     ],
     extras_require={
         "test": ["pytest>=8", "scikit-learn", "scikit-image"],
@@ -41,6 +42,8 @@ setup(
             "tfusion-train=tfusion.train:main",
             "tfusion-param-count=tfusion.param_count:main",
             "tfusion-train-vae=tfusion.vae.train:main",
+            "tfusion-train-tokenizer=tfusion.data.tokenizer:main",
+            "tfusion-precompute-latents=tfusion.data.precompute:main",
             "tfusion-vae-stats=tfusion.vae.stats:main",
             "tfusion-convert-mc=tfusion.evaluate.mc_convert:main",
         ],

@@ -1,0 +1,328 @@
+"""`tfusion-precompute-latents`: images + captions -> VAE latents in image–caption record shards.
+
+  tfusion-precompute-latents --vae VAE_DIR --out OUT_DIR \\
+      (--images FOLDER --captions captions.jsonl|captions.csv
+       | --tfds NAME --data_dir DIR [--split train] [--image_key image] [--caption_key caption])
+      [--resolution 256] [--batch_size 32] [--shard_size 4096] [--latent_dtype float16]
+
+Captions files: JSONL lines {"file": "name.jpg", "caption": "..."} or a CSV with columns
+`file` and `caption`; file names are relative to the image folder; one record per line (an
+image with five captions gives five records). TFDS datasets must already be prepared in
+`data_dir` (array_record format); nothing is downloaded.
+
+Images are center-cropped and resized to `resolution` (tfusion/vae/images.py), encoded with
+the project VAE (`VAE.encode`: posterior mean, normalized) in fixed-size batches jitted once
+and split over the local devices, and written as records of the schema in records.py, item i
+in shard i // shard_size: OUT/image_caption-SSSSS-of-NNNNN.array_record. A shard appears
+under its name only when complete, beside a .json with its counts; rerunning skips finished
+shards. Unreadable images, empty captions, missing files and non-finite latents are skipped,
+counted by reason, and reported at the end.
+"""
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Callable
+
+import numpy as np
+
+from tfusion.data import records as records_lib
+
+MANIFEST = "precompute.json"
+
+
+@dataclasses.dataclass
+class Item:
+  """One image–caption pair to encode; `load(resolution)` -> float32 [R, R, 3] in [-1, 1]."""
+  key: str
+  caption: str
+  load: Callable
+
+
+class SkipItem(Exception):
+  """An item that cannot become a record (the message is the reason category)."""
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+
+def _read_captions(path):
+  """[(file, caption, line number)] from a JSONL or CSV captions file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"captions file {path!r} does not exist")
+  rows = []
+  if path.endswith(".csv"):
+    with open(path, newline="", encoding="utf-8") as f:
+      reader = csv.DictReader(f)
+      if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
+        raise ValueError(f"{path}: a captions CSV needs a header with columns 'file' and "
+                         f"'caption', got {reader.fieldnames}")
+      for row in reader:
+        rows.append((row["file"], row["caption"], reader.line_num))
+  else:
+    with open(path, encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}: line {n} is not JSON ({e})") from None
+        if not isinstance(obj, dict) or "file" not in obj or "caption" not in obj:
+          raise ValueError(f"{path}: line {n} needs keys 'file' and 'caption'")
+        rows.append((obj["file"], obj["caption"], n))
+  if not rows:
+    raise ValueError(f"captions file {path!r} holds no captions")
+  return rows
+
+
+def folder_items(images_dir, captions_path):
+  """Items from a folder of images and a captions file (missing images become skips)."""
+  from tfusion.vae import images as images_lib
+  if not os.path.isdir(images_dir):
+    raise FileNotFoundError(f"image folder {images_dir!r} does not exist")
+  items = []
+  for name, caption, line in _read_captions(captions_path):
+    path = os.path.join(images_dir, str(name))
+
+    def load(resolution, path=path):
+      if not os.path.isfile(path):
+        raise SkipItem("missing image file")
+      try:
+        return images_lib.load_image(path, resolution)
+      except images_lib.BadImageError:
+        raise SkipItem("unreadable image") from None
+
+    items.append(Item(f"{name} (line {line})", caption if isinstance(caption, str) else "",
+                      load))
+  return items
+
+
+class TfdsItems:
+  """Items from a TFDS dataset prepared (array_record) in data_dir; lazy random access."""
+
+  def __init__(self, name, data_dir, split="train", image_key="image", caption_key="caption"):
+    if not data_dir or not os.path.isdir(data_dir):
+      raise FileNotFoundError(f"TFDS data_dir {data_dir!r} does not exist")
+    import tensorflow_datasets as tfds
+    try:
+      self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # TFDS raises many kinds for "not prepared here"
+      raise FileNotFoundError(f"TFDS dataset {name!r} split {split!r} is not prepared in "
+                              f"{data_dir!r} (array_record format): {e}") from None
+    self.name, self.image_key, self.caption_key = name, image_key, caption_key
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    from tfusion.vae import images as images_lib
+    example = self.source[i]
+    for key in (self.image_key, self.caption_key):
+      if key not in example:
+        raise KeyError(f"TFDS {self.name} example {i} has no {key!r} (keys: {sorted(example)}); "
+                       "set --image_key/--caption_key")
+    caption = example[self.caption_key]
+    if isinstance(caption, bytes):
+      caption = caption.decode("utf-8", errors="replace")
+    image = example[self.image_key]
+
+    def load(resolution):
+      try:
+        return images_lib.array_to_model_input(image, resolution, source=f"{self.name}[{i}]")
+      except images_lib.BadImageError:
+        raise SkipItem("unreadable image") from None
+
+    return Item(f"{self.name}[{i}]", str(caption), load)
+
+
+# -- encoding -------------------------------------------------------------------------------
+
+
+class Encoder:
+  """Encodes fixed-size batches with the VAE, split over the local devices (one compile)."""
+
+  def __init__(self, vae, batch_size):
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    devices = jax.local_devices()
+    self.batch_size = math.ceil(batch_size / len(devices)) * len(devices)
+    mesh = Mesh(np.array(devices), ("data",))
+    self._in = NamedSharding(mesh, P("data"))
+    params = jax.device_put(vae.params, NamedSharding(mesh, P()))
+    self.vae = dataclasses.replace(vae, params=params)
+    self.num_devices = len(devices)
+
+  def __call__(self, images):
+    """float32 [k, R, R, 3] (k <= batch_size) -> float32 numpy latents [k, h, w, c]."""
+    import jax
+    k = len(images)
+    padded = np.zeros((self.batch_size,) + images.shape[1:], np.float32)
+    padded[:k] = images
+    latents = self.vae.encode(jax.device_put(padded, self._in))
+    return np.asarray(jax.device_get(latents))[:k]
+
+
+def _shard_path(out_dir, shard, num_shards):
+  return os.path.join(out_dir, f"image_caption-{shard:05d}-of-{num_shards:05d}"
+                      f"{records_lib.EXTENSION}")
+
+
+def _encode_shard(items, encoder, path, resolution, latent_dtype, progress):
+  """Writes one shard; returns its counts {"written": n, "skipped": {reason: n}}."""
+  skipped = {}
+  pending = []  # (item, image)
+
+  def skip(reason):
+    skipped[reason] = skipped.get(reason, 0) + 1
+    progress.update(1)
+
+  with records_lib.RecordWriter(path, options="group_size:1,uncompressed") as writer:
+    def flush():
+      if not pending:
+        return
+      latents = encoder(np.stack([img for _, img in pending]))
+      for (item, _), latent in zip(pending, latents):
+        if not np.isfinite(latent).all():
+          skip("non-finite latent")
+          continue
+        latent = latent.astype(latent_dtype)
+        if not np.isfinite(latent).all():
+          skip(f"latent overflows {np.dtype(latent_dtype).name}")
+          continue
+        writer.write(records_lib.image_caption_record(latent, item.caption.strip(), id=item.key))
+        progress.update(1)
+      pending.clear()
+
+    for item in items:
+      if not item.caption.strip():
+        skip("empty caption")
+        continue
+      try:
+        pending.append((item, item.load(resolution)))
+      except SkipItem as e:
+        skip(str(e))
+        continue
+      if len(pending) == encoder.batch_size:
+        flush()
+    flush()
+    count = writer.count
+  return {"written": count, "skipped": skipped}
+
+
+def precompute(items, vae, out_dir, *, resolution=256, batch_size=32, shard_size=4096,
+               latent_dtype="float16", source="", show_progress=True):
+  """Encodes `items` (a sequence of Item) into record shards in out_dir.
+
+  Returns {"written": n, "skipped": {reason: n}, "shards": S, "shards_done_before": k}.
+  """
+  from tqdm import tqdm
+  if latent_dtype not in records_lib.LATENT_DTYPES:
+    raise ValueError(f"latent_dtype must be one of {records_lib.LATENT_DTYPES}")
+  if resolution % vae.downsample_factor:
+    raise ValueError(f"resolution {resolution} is not divisible by the VAE's downsampling "
+                     f"factor {vae.downsample_factor}")
+  total = len(items)
+  if total == 0:
+    raise ValueError("no images to encode")
+  num_shards = math.ceil(total / shard_size)
+  os.makedirs(out_dir, exist_ok=True)
+  manifest = {"source": source, "items": total, "shard_size": shard_size,
+              "resolution": resolution, "latent_dtype": latent_dtype,
+              "latent_shape": [resolution // vae.downsample_factor] * 2 + [vae.latent_channels]}
+  manifest_path = os.path.join(out_dir, MANIFEST)
+  if os.path.exists(manifest_path):
+    with open(manifest_path, encoding="utf-8") as f:
+      old = json.load(f)
+    if old != manifest:
+      raise ValueError(f"{out_dir} holds shards of another precompute run ({old}); this run "
+                       f"would be {manifest}. Use another --out or remove that directory.")
+  else:
+    with open(manifest_path, "w", encoding="utf-8") as f:
+      json.dump(manifest, f, indent=2)
+
+  summary = {"written": 0, "skipped": {}, "shards": num_shards, "shards_done_before": 0}
+
+  def add(counts):
+    summary["written"] += counts["written"]
+    for k, v in counts["skipped"].items():
+      summary["skipped"][k] = summary["skipped"].get(k, 0) + v
+
+  todo = []
+  for s in range(num_shards):
+    path = _shard_path(out_dir, s, num_shards)
+    if os.path.exists(path) and os.path.exists(path + ".json"):
+      with open(path + ".json", encoding="utf-8") as f:
+        add(json.load(f))
+      summary["shards_done_before"] += 1
+    else:
+      todo.append(s)
+  done_items = sum(min(shard_size, total - s * shard_size) for s in range(num_shards)
+                   if s not in todo)
+  encoder = Encoder(vae, batch_size) if todo else None
+  with tqdm(total=total, initial=done_items, unit="img", disable=not show_progress,
+            desc="encoding") as progress:
+    for s in todo:
+      path = _shard_path(out_dir, s, num_shards)
+      shard_items = (items[i] for i in range(s * shard_size, min(total, (s + 1) * shard_size)))
+      counts = _encode_shard(shard_items, encoder, path, resolution, np.dtype(latent_dtype),
+                             progress)
+      # Counts first, then the shard's final name: a shard that exists is complete.
+      with open(path + ".json.tmp", "w", encoding="utf-8") as f:
+        json.dump(counts, f)
+      os.replace(path + ".json.tmp", path + ".json")
+      add(counts)
+  return summary
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      description="Images + captions -> VAE latents in image–caption ArrayRecord shards.")
+  parser.add_argument("--vae", required=True, help="VAE directory (diffusers format)")
+  parser.add_argument("--out", required=True, help="output directory for the shards")
+  parser.add_argument("--images", help="folder of images (with --captions)")
+  parser.add_argument("--captions", help="captions .jsonl ({file, caption}) or .csv")
+  parser.add_argument("--tfds", help="TFDS dataset name, prepared in --data_dir")
+  parser.add_argument("--data_dir", help="TFDS data_dir")
+  parser.add_argument("--split", default="train")
+  parser.add_argument("--image_key", default="image")
+  parser.add_argument("--caption_key", default="caption")
+  parser.add_argument("--resolution", type=int, default=256)
+  parser.add_argument("--batch_size", type=int, default=32,
+                      help="images per encode call (rounded up to a multiple of the devices)")
+  parser.add_argument("--shard_size", type=int, default=4096, help="items per output shard")
+  parser.add_argument("--latent_dtype", default="float16", choices=records_lib.LATENT_DTYPES)
+  args = parser.parse_args(argv)
+  try:
+    if args.tfds:
+      items = TfdsItems(args.tfds, args.data_dir, args.split, args.image_key, args.caption_key)
+      source = f"tfds:{args.tfds}/{args.split}@{args.data_dir}"
+    elif args.images and args.captions:
+      items = folder_items(args.images, args.captions)
+      source = f"folder:{os.path.abspath(args.images)}+{os.path.abspath(args.captions)}"
+    else:
+      parser.error("give --images and --captions, or --tfds and --data_dir")
+    from tfusion.vae import load_vae
+    if not os.path.exists(args.vae):
+      raise FileNotFoundError(f"--vae {args.vae!r} does not exist (a diffusers-format VAE "
+                              "directory; nothing is downloaded)")
+    vae = load_vae(args.vae)
+    summary = precompute(items, vae, args.out, resolution=args.resolution,
+                         batch_size=args.batch_size, shard_size=args.shard_size,
+                         latent_dtype=args.latent_dtype, source=source)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    print(f"tfusion-precompute-latents: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  skipped = sum(summary["skipped"].values())
+  reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary["skipped"].items())) or "none"
+  print(f"wrote {summary['written']} image–caption records in {summary['shards']} shards to "
+        f"{args.out} ({summary['shards_done_before']} shards were already done); skipped "
+        f"{skipped} ({reasons})")
+
+
+if __name__ == "__main__":
+  main()
