@@ -46,6 +46,8 @@ setup(
             "tfusion-precompute-latents=tfusion.data.precompute:main",
             "tfusion-vae-stats=tfusion.vae.stats:main",
             "tfusion-convert-mc=tfusion.evaluate.mc_convert:main",
+            "tfusion-convert-inception=tfusion.evaluate.convert_inception:main",
+            "tfusion-convert-clip=tfusion.evaluate.convert_clip:main",
         ],
     },
 )
