@@ -88,6 +88,15 @@ BAD_IMAGE_RECORDS = {
     "unknown_keys": _image(GOOD, extra_key=1),
     "wrong_kind": _raw({"kind": "text", "text": "a text record among images"}),
     "no_kind": _raw({"latent": _array(GOOD), "caption": "x"}),
+    # Array maps numpy itself would choke on (must still name the record, and be skippable).
+    "object_dtype": _raw({"kind": "image_caption", "caption": "x",
+                          "latent": {"dtype": "object", "shape": [2], "data": b"\0" * 16}}),
+    "huge_shape": _raw({"kind": "image_caption", "caption": "x",
+                        "latent": {"dtype": "float16", "shape": [2**32, 2**32], "data": b""}}),
+    "bool_shape": _raw({"kind": "image_caption", "caption": "x",
+                        "latent": {"dtype": "float16", "shape": [True, 1, 1], "data": b"\0\0"}}),
+    "big_endian": _raw({"kind": "image_caption", "caption": "x",
+                        "latent": dict(_array(GOOD.astype(">f4")), dtype=">f4")}),
 }
 MESSAGES = {
     "undecodable": "undecodable", "not_a_map": "must be a map",
@@ -95,6 +104,8 @@ MESSAGES = {
     "dtype64": "dtype float64", "truncated": "holds 10 bytes", "nan": "NaN or Inf",
     "inf": "NaN or Inf", "empty_caption": "caption is empty", "unknown_keys": "extra_key",
     "wrong_kind": "'text' record in a 'image_caption' source", "no_kind": "unknown kind",
+    "object_dtype": r"dtype \|O", "huge_shape": "holds 0 bytes", "bool_shape": "malformed shape",
+    "big_endian": "dtype >f4",
 }
 
 
@@ -131,7 +142,8 @@ def test_bad_record_is_an_error_naming_file_and_index(tok, tmp_path, case):
 
 
 SKIP_CODES = {"undecodable": "undecodable", "latent_shape": "latent_shape", "nan": "nonfinite",
-              "empty_caption": "empty_caption", "unknown_keys": "unknown_keys"}
+              "empty_caption": "empty_caption", "unknown_keys": "unknown_keys",
+              "object_dtype": "dtype", "huge_shape": "malformed"}
 
 
 @pytest.mark.parametrize("case", sorted(SKIP_CODES))

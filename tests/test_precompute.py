@@ -146,3 +146,39 @@ def test_bad_inputs_are_clear_errors(setup, tmp_path, capsys):
     precompute.main(["--vae", str(tmp_path / "novae"), "--out", str(tmp_path / "o"),
                      "--images", setup["folder"], "--captions", setup["captions"]])
   assert "novae" in capsys.readouterr().err
+
+
+def test_in_memory_arrays_to_records_for_the_demo(setup, tmp_path):
+  vae = vae_lib.load_vae(setup["vae"])
+  rng = np.random.default_rng(0)
+  images = [skimage.data.astronaut(),  # uint8 RGB, 512x512
+            skimage.data.camera(),  # uint8 grayscale
+            rng.random((12, 20, 3)),  # float in [0, 1], non-square, smaller than RES
+            np.full((16, 16, 3), 2.0),  # float out of [0, 1]: unusable
+            rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)]
+  captions = ["an astronaut", "a camera man", "noise", "too bright", "   "]
+  out = tmp_path / "arrays"
+  summary = precompute.write_latent_records(images, captions, vae, str(out), resolution=RES,
+                                            batch_size=2, shard_size=2)
+  assert summary == {"written": 3, "skipped": {"unreadable image": 1, "empty caption": 1},
+                     "shards": 3, "shards_done_before": 0}
+  source = records.RecordSource([str(out / f) for f in _shards(out)])  # the last shard is empty
+  assert source.counts == [2, 1, 0]
+  got = [records.decode_record(source[i].data) for i in range(len(source))]
+  assert [r["caption"] for r in got] == captions[:3]
+  assert [r["id"] for r in got] == ["array[0]", "array[1]", "array[2]"]
+  want = np.asarray(vae.encode(np.stack([images_lib.array_to_model_input(a, RES)
+                                         for a in images[:3]])))
+  for r, w in zip(got, want):
+    assert r["latent"].dtype == np.float16 and r["latent"].shape == (8, 8, 4)
+    np.testing.assert_allclose(r["latent"].astype(np.float32), w, atol=2e-3 * np.abs(w).max())
+  # Same arrays again: nothing to redo. Other arrays into the same directory: an error.
+  again = precompute.write_latent_records(images, captions, vae, str(out), resolution=RES,
+                                          batch_size=2, shard_size=2)
+  assert again["shards_done_before"] == 3 and again["written"] == 3
+  with pytest.raises(ValueError, match="another precompute run"):
+    precompute.write_latent_records(images[:4], captions[:3] + ["other"], vae, str(out),
+                                    resolution=RES, batch_size=2, shard_size=2)
+  with pytest.raises(ValueError, match="5 images but 4 captions"):
+    precompute.write_latent_records(images, captions[:4], vae, str(tmp_path / "x"),
+                                    resolution=RES)

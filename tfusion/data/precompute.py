@@ -17,11 +17,16 @@ in shard i // shard_size: OUT/image_caption-SSSSS-of-NNNNN.array_record. A shard
 under its name only when complete, beside a .json with its counts; rerunning skips finished
 shards. Unreadable images, empty captions, missing files and non-finite latents are skipped,
 counted by reason, and reported at the end.
+
+From Python (the demo): `write_latent_records(images, captions, vae, out_dir)` does the same
+for in-memory arrays.
 """
 
 import argparse
 import csv
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import os
@@ -277,6 +282,46 @@ def precompute(items, vae, out_dir, *, resolution=256, batch_size=32, shard_size
       os.replace(path + ".json.tmp", path + ".json")
       add(counts)
   return summary
+
+
+def _array_item_loader(image, where, resolution):
+  from tfusion.vae import images as images_lib
+  try:
+    return images_lib.array_to_model_input(image, resolution, source=where)
+  except images_lib.BadImageError:
+    raise SkipItem("unreadable image") from None
+
+
+def _arrays_fingerprint(images, captions):
+  """A short hash of the arrays and captions: names the run in the shards' manifest."""
+  h = hashlib.sha1()
+  for image, caption in zip(images, captions):
+    a = np.ascontiguousarray(image)
+    h.update(f"{a.dtype.str}{a.shape}{caption!r}".encode("utf-8"))
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
+def write_latent_records(images, captions, vae, out_dir, *, resolution=256, batch_size=32,
+                         shard_size=4096, latent_dtype="float16", show_progress=False):
+  """In-memory images + captions -> image–caption record shards in out_dir (demo, notebooks).
+
+  images: N arrays [H, W] or [H, W, 1|3|4], uint8 or float in [0, 1], any size (center-cropped
+  and resized to `resolution`), e.g. one array [N, H, W, 3]. captions: N strings. Encoded
+  with `vae` exactly as tfusion-precompute-latents does (same shards and manifest, same skips:
+  empty captions, unusable arrays, non-finite latents). Rerunning with the same arrays skips
+  finished shards; different arrays into the same out_dir are an error.
+  Returns {"written", "skipped": {reason: n}, "shards", "shards_done_before"} (`precompute`).
+  """
+  if len(images) != len(captions):
+    raise ValueError(f"{len(images)} images but {len(captions)} captions")
+  items = [Item(f"array[{i}]", caption if isinstance(caption, str) else "",
+                functools.partial(_array_item_loader, image, f"array[{i}]"))
+           for i, (image, caption) in enumerate(zip(images, captions))]
+  return precompute(items, vae, out_dir, resolution=resolution, batch_size=batch_size,
+                    shard_size=shard_size, latent_dtype=latent_dtype,
+                    source=f"arrays:{_arrays_fingerprint(images, captions)}",
+                    show_progress=show_progress)
 
 
 def main(argv=None):

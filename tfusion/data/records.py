@@ -30,6 +30,7 @@ read with `RecordSource` (random access over many files: Grain's data-source pro
 
 import dataclasses
 import glob
+import math
 import os
 
 import msgpack
@@ -142,12 +143,18 @@ def _decode_array(value, what):
   dtype, shape, data = value["dtype"], value["shape"], value["data"]
   try:
     dtype = np.dtype(dtype)
-  except TypeError:
+  except Exception:  # numpy raises TypeError, ValueError, KeyError... for odd specs
     raise _Bad(f"{what} has unknown dtype {dtype!r}", "dtype") from None
-  if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
+  # Only plain numbers in the schema's byte order; object, string, structured or big-endian
+  # dtypes would fail (or be misread) below instead of naming the record.
+  if dtype.kind not in "iuf" or dtype.byteorder == ">":
+    raise _Bad(f"{what} has dtype {dtype.str}; arrays hold little-endian integers or floats",
+               "dtype")
+  if (not isinstance(shape, list)
+      or not all(type(s) is int and s >= 0 for s in shape)  # pylint: disable=unidiomatic-typecheck
       or not isinstance(data, bytes)):
     raise _Bad(f"{what} has a malformed shape or data field", "malformed")
-  count = int(np.prod(shape)) if shape else 1
+  count = math.prod(shape)  # Python ints: a huge shape cannot overflow to a small count
   if len(data) != count * dtype.itemsize:
     raise _Bad(f"{what} holds {len(data)} bytes; dtype {dtype.name} shape {shape} needs "
                f"{count * dtype.itemsize}", "malformed")
