@@ -40,6 +40,7 @@ setup(
     entry_points={
         "console_scripts": [
             "tfusion-train=tfusion.train:main",
+            "tfusion-generate=tfusion.generate.cli:main",
             "tfusion-param-count=tfusion.param_count:main",
             "tfusion-train-vae=tfusion.vae.train:main",
             "tfusion-train-tokenizer=tfusion.data.tokenizer:main",

@@ -91,6 +91,9 @@ def base_config():
   c.diffusion.logit_mean = 0.0
   c.diffusion.logit_std = 1.0
 
+  c.vae = ml_collections.ConfigDict()
+  c.vae.path = ""  # VAE directory (diffusers format, tfusion/vae/): decodes samples to pixels
+
   c.loss = ml_collections.ConfigDict()
   c.loss.image_weight = 5.0  # lambda
 

@@ -67,13 +67,20 @@ class CosineDDPM:
     steps = np.linspace(self.num_steps - 1, 0, num_steps).round()
     return np.append(steps / self.num_steps, -1.0).astype(np.float32)  # -1 marks "clean"
 
-  def step(self, x_t, prediction, t, t_next, noise, *, eta=1.0):
+  def step(self, x_t, prediction, t, t_next, noise, *, eta=1.0, clip_x0=None):
     """One reverse step from time t to t_next < t (t_next = -1 means return the clean estimate).
 
     eta = 1 is DDPM ancestral sampling (with respaced steps); eta = 0 is deterministic DDIM.
+    clip_x0: optional bound c on the clean estimate (x0 in [-c, c], the noise estimate made
+    consistent with it). At the first steps alpha_bar is tiny (2e-9 at step 999), so an error
+    d in the predicted noise moves x0 by d / sqrt(alpha_bar); clipping bounds the damage.
     Shapes: x_t, prediction, noise [B, M, h, w, c]; t, t_next scalars or [B, M].
     """
     x0, eps = self.predict_x0_and_noise(x_t, prediction, t)
+    if clip_x0 is not None:
+      ab_t = self._alpha_bar(t)[..., None, None, None]
+      x0 = jnp.clip(x0, -clip_x0, clip_x0)
+      eps = (x_t - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1.0 - ab_t)
     ab = self._alpha_bar(t)
     ab_next = jnp.where(t_next < 0, 1.0, self._alpha_bar(jnp.maximum(t_next, 0.0)))
     sigma = eta * jnp.sqrt((1 - ab_next) / (1 - ab) * (1 - ab / ab_next))
@@ -122,6 +129,15 @@ class RectifiedFlow:
     del noise, eta
     dt = jnp.asarray(t_next - t)
     return x_t + dt[..., None, None, None] * prediction
+
+  def heun_step(self, x_t, prediction, prediction_at_euler, t, t_next):
+    """Heun (trapezoidal) step from t to t_next: second order, two model calls per step.
+
+    `prediction_at_euler` is the velocity the model gives at (`step(x_t, prediction, t,
+    t_next)`, t_next); the step averages it with `prediction`. Shapes as `step`.
+    """
+    dt = jnp.asarray(t_next - t)
+    return x_t + dt[..., None, None, None] * 0.5 * (prediction + prediction_at_euler)
 
 
 def from_config(config):

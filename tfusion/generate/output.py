@@ -1,0 +1,65 @@
+"""Pictures out: latents -> pixels with the project's VAE, PNG files, and a labelled grid."""
+
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from tfusion.vae import images as images_lib
+
+
+def decode_latents(vae, latents, batch_size=16):
+  """Normalized latents [N, h, w, c] -> uint8 images [N, H, W, 3] through `vae.decode`."""
+  latents = np.asarray(latents, np.float32)
+  if latents.shape[-1] != vae.latent_channels:
+    raise ValueError(f"latents have {latents.shape[-1]} channels; the VAE expects "
+                     f"{vae.latent_channels} (config.model.image.latent_channels vs the VAE's)")
+  out = [np.asarray(vae.decode(latents[i:i + batch_size]))
+         for i in range(0, len(latents), batch_size)]
+  return images_lib.to_uint8(np.concatenate(out))
+
+
+def save_png(path, image):
+  """uint8 [H, W, 3] -> PNG file (directories created)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(np.asarray(image, np.uint8)).save(path)
+
+
+def _fit(draw, text, font, width):
+  """`text`, cut with an ellipsis to fit `width` pixels."""
+  if draw.textlength(text, font=font) <= width:
+    return text
+  while text and draw.textlength(text + "...", font=font) > width:
+    text = text[:-1]
+  return text + "..."
+
+
+def labelled_grid(images, labels, *, min_size=64, pad=4):
+  """A grid with one labelled row per prompt.
+
+  Args:
+    images: uint8 [R, C, H, W, 3] (R prompts x C samples).
+    labels: R strings, written above their rows.
+    min_size: small images are scaled up (nearest) to at least this many pixels.
+  Returns:
+    a PIL image.
+  """
+  images = np.asarray(images, np.uint8)
+  rows, cols, h, w, _ = images.shape
+  if len(labels) != rows:
+    raise ValueError(f"{len(labels)} labels for {rows} rows of images")
+  scale = max(1, -(-min_size // max(h, w)))
+  h, w = h * scale, w * scale
+  font = ImageFont.load_default()
+  label_h = 14
+  width = max(cols * (w + pad) + pad, 160)
+  height = rows * (label_h + h + pad) + pad
+  grid = Image.new("RGB", (width, height), (255, 255, 255))
+  draw = ImageDraw.Draw(grid)
+  for r in range(rows):
+    top = pad + r * (label_h + h + pad)
+    draw.text((pad, top), _fit(draw, labels[r], font, width - 2 * pad), fill=(0, 0, 0), font=font)
+    for c in range(cols):
+      tile = Image.fromarray(images[r, c]).resize((w, h), Image.NEAREST)
+      grid.paste(tile, (pad + c * (w + pad), top + label_h))
+  return grid
