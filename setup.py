@@ -41,6 +41,8 @@ setup(
         "console_scripts": [
             "tfusion-train=tfusion.train:main",
             "tfusion-generate=tfusion.generate.cli:main",
+            "tfusion-eval=tfusion.evaluate.job:main",
+            "tfusion-plot=tfusion.evaluate.plot:main",
             "tfusion-param-count=tfusion.param_count:main",
             "tfusion-train-vae=tfusion.vae.train:main",
             "tfusion-train-tokenizer=tfusion.data.tokenizer:main",

@@ -63,11 +63,15 @@ def start_train(workdir, *flags, devices=1):
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(predicate, timeout=300, what="condition"):
+def wait_for(predicate, timeout=300, what="condition", proc=None):
+  """Polls `predicate`; fails early with its stderr if `proc` ends first."""
   deadline = time.time() + timeout
   while time.time() < deadline:
     if predicate():
       return
+    if proc is not None and proc.poll() is not None:
+      raise AssertionError(f"the process ended ({proc.returncode}) before {what}:\n"
+                           f"{proc.stderr.read()[-3000:]}")
     time.sleep(0.02)
   raise AssertionError(f"timed out waiting for {what}")
 

@@ -77,6 +77,37 @@ def model_config(size=None):
   return m
 
 
+def eval_config():
+  """The `config.eval` block: what `tfusion-eval` measures on each checkpoint."""
+  e = ml_collections.ConfigDict()
+  e.suites = "ppl"  # comma-separated: fid, clip, caption, ppl, mc (and suites a script registers)
+  e.poll_seconds = 30.0  # how often the watcher looks for new checkpoints
+  e.seed = 0
+  e.batch_size = 16  # rows generated or scored together
+  # Text to image (fid, clip): prompts from a captions file (.txt one per line, or .jsonl with
+  # "caption"); the first num_samples in a seeded random order (the paper: 30k COCO val).
+  e.prompts = ""
+  e.num_samples = 1000
+  e.sampler = ""  # "" = the objective's default (ddpm / euler)
+  e.steps = 0  # 0 = the sampler's default (the paper: 250 DDPM steps)
+  e.guidance_scale = 5.0  # the paper: 5 (main results), 3 (ablations)
+  e.fid_weights = ""  # Inception .npz (tfusion-convert-inception)
+  e.fid_reference = ""  # folder of real images; statistics cached in W/eval_cache
+  e.clip_weights = ""  # CLIP .npz (tfusion-convert-clip)
+  # Captioning: held-out image-caption records; references are the captions of records that
+  # share an "id" (one reference per record without an id).
+  e.caption_records = ""
+  e.caption_max_images = 500
+  e.caption_max_tokens = 32
+  # Text: perplexity on text files (.txt blank-line separated documents, or .jsonl "text"),
+  # multiple choice on task JSONL files (tfusion/evaluate/multiple_choice.py).
+  e.ppl_files = ""
+  e.ppl_max_tokens = 0  # 0 = every token (the paper: 20M per corpus)
+  e.mc_tasks = ""
+  e.seq_len = 0  # rows for text scoring; 0 = config.data.seq_len
+  return e
+
+
 def base_config():
   """All keys with their defaults (a tiny model; paper optimizer settings)."""
   c = ml_collections.ConfigDict()
@@ -114,6 +145,8 @@ def base_config():
   c.train.log_every = 10  # steps between log lines / metric records
   c.train.validate_batches = True  # check each host batch against the contract (cheap numpy)
   c.train.max_nonfinite_steps = 10  # stop after this many skipped non-finite steps in a row
+
+  c.eval = eval_config()
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes

@@ -1,0 +1,120 @@
+"""The eval job: every suite on real checkpoints, exactly once per (step, suite), across a kill
+and a restart, beside a training run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import train_utils
+from tfusion import metrics, train
+from tfusion.data import records, samples
+from tfusion.evaluate import job, plot
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A tiny trained run (checkpoints 2 and 4) plus tokenizer, VAE and evaluation files."""
+  root = tmp_path_factory.mktemp("evalrun")
+  tok = samples.sample_tokenizer(str(root), vocab_size=400)
+  from tfusion import vae as vae_lib
+  from tfusion.vae.model import VAEConfig
+  vae = vae_lib.init_vae(VAEConfig(block_out_channels=(8, 8), layers_per_block=1,
+                                   latent_channels=4, norm_num_groups=4))
+  vae_lib.save_vae(vae, str(root / "vae"))  # 2x down: 8x8 images <-> 4x4x4 latents
+  (root / "prompts.txt").write_text("a red square\ntwo small circles\nthe number seven\n")
+  (root / "held.txt").write_text("\n\n".join(t for _, t in samples.pydoc_topics()[:3]))
+  (root / "task.jsonl").write_text("\n".join(json.dumps(x) for x in [
+      {"context": "Question: what is help?\nAnswer:", "choices": [" a function", " a cat"],
+       "gold": 0},
+      {"contexts": ["The loop", "The cat"], "continuation": " ends with break.", "gold": 0}]))
+  rng = np.random.default_rng(0)
+  records.write_records(str(root / "captions.array_record"), [
+      records.image_caption_record(rng.standard_normal((4, 4, 4)).astype(np.float32),
+                                   caption, id=f"img{i // 2}")
+      for i, caption in enumerate(["a red square", "a square, red", "two circles", "circles"])])
+  from tfusion.evaluate import clip
+  cfg = clip.CLIPConfig(embed_dim=16, image_size=16, patch_size=8, vision_width=16,
+                        vision_layers=1, vision_heads=2, text_width=16, text_layers=1,
+                        text_heads=2, context_length=16)
+  clip.save_weights(str(root / "clip.npz"), cfg, clip.random_params(cfg))
+
+  config = train_utils.tiny_config(**{"train.steps": 4, "checkpoint.every_steps": 2,
+                                      "checkpoint.keep": 100, "model.vocab_size": 512,
+                                      "data.tokenizer": str(root / "tokenizer.model"),
+                                      "vae.path": str(root / "vae"), "model.max_len": 48})
+  e = config.eval
+  e.prompts, e.num_samples, e.steps, e.batch_size = str(root / "prompts.txt"), 3, 4, 4
+  e.ppl_files, e.ppl_max_tokens = str(root / "held.txt"), 300
+  e.mc_tasks = str(root / "task.jsonl")
+  e.caption_records, e.caption_max_tokens = str(root / "captions.array_record"), 6
+  e.clip_weights = str(root / "clip.npz")
+  workdir = str(root / "run")
+  train.train_and_evaluate(config, workdir)
+  assert tok.vocab_size <= 512
+  return workdir, config
+
+
+def test_every_suite_runs_once_per_checkpoint(run_dir):
+  workdir, config = run_dir
+  suites = ["clip", "caption", "ppl", "mc"]
+  assert job.run(workdir, suites, config=config, once=True, log=lambda s: None) == [2, 4]
+  lines = metrics.read_jsonl(os.path.join(workdir, "metrics", "eval.jsonl"))
+  assert sorted((r["step"], r["suite"]) for r in lines) == sorted(
+      (s, n) for s in (2, 4) for n in suites)
+  by = {(r["step"], r["suite"]): r for r in lines}
+  assert 0 <= by[(4, "clip")]["clip_score"] <= 100
+  assert by[(4, "clip")]["settings"]["guidance_scale"] == 5.0
+  assert by[(2, "caption")]["cider"] >= 0 and 0 <= by[(2, "caption")]["bleu4"] <= 1
+  assert by[(4, "ppl")]["ppl_tokens/held"] == 300 and by[(4, "ppl")]["ppl/held"] > 1
+  assert by[(4, "mc")]["mc/task/acc"] in (0.0, 0.5, 1.0)
+  assert by[(4, "ppl")]["train_flops"] == 2 * by[(2, "ppl")]["train_flops"] > 0
+  # Nothing left to do: a second pass evaluates nothing.
+  assert job.run(workdir, suites, config=config, once=True, log=lambda s: None) == []
+  out = plot.plot_curves(plot.workdir_panels(workdir), os.path.join(workdir, "curves.png"))
+  assert os.path.getsize(out) > 1000
+
+
+def test_bad_eval_inputs_name_the_file(run_dir, tmp_path):
+  from tfusion.evaluate import suites
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n")
+  with pytest.raises(ValueError, match="empty.txt"):
+    suites.sample_prompts(str(empty), 5, 0)
+  with pytest.raises(FileNotFoundError, match="config.eval.prompts"):
+    suites.sample_prompts(str(tmp_path / "nope.txt"), 5, 0)
+  workdir, config = run_dir
+  with pytest.raises(ValueError, match="unknown eval suite 'fidd'"):
+    job.run(workdir, ["fidd"], config=config, once=True)
+
+
+def test_watcher_beside_training_survives_kill_and_restart(tmp_path):
+  root = tmp_path
+  samples.sample_tokenizer(str(root), vocab_size=400)
+  (root / "held.txt").write_text("\n\n".join(t for _, t in samples.pydoc_topics()[:2]))
+  workdir = str(root / "run")
+  flags = ["--config.train.steps=12", "--config.checkpoint.every_steps=3",
+           "--config.checkpoint.keep=100", "--config.model.vocab_size=512",
+           f"--config.data.tokenizer={root / 'tokenizer.model'}",
+           f"--config.eval.ppl_files={root / 'held.txt'}", "--config.eval.ppl_max_tokens=200",
+           "--config.eval.poll_seconds=0.2", "--config.eval.suites=ppl"]
+  training = train_utils.start_train(workdir, *flags)
+  cmd, env = train_utils.train_command(workdir, *flags)
+  watch_cmd = [sys.executable, "-m", "tfusion.evaluate.job"] + cmd[3:]  # same flags
+  eval_jsonl = os.path.join(workdir, "metrics", "eval.jsonl")
+  watcher = subprocess.Popen(watch_cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+  train_utils.wait_for(lambda: len(metrics.read_jsonl(eval_jsonl)) >= 1, what="a first eval",
+                       proc=watcher)
+  watcher.send_signal(signal.SIGKILL)
+  watcher.wait()
+  _, err = training.communicate(timeout=600)
+  assert training.returncode == 0, err[-2000:]
+  restarted = subprocess.run(watch_cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert restarted.returncode == 0, restarted.stderr[-2000:]  # exits after the final step
+  steps = [r["step"] for r in metrics.read_jsonl(eval_jsonl)]
+  assert sorted(steps) == [3, 6, 9, 12], steps  # each checkpoint exactly once

@@ -1,0 +1,214 @@
+"""Evaluation suites: each turns (config, params) into a dict of numbers for one checkpoint.
+
+Built in (configured by `config.eval`, see tfusion/configlib.py):
+  fid      FID of generated images against real ones (InceptionV3 pool features)
+  clip     CLIP score of generated images against their prompts
+  caption  CIDEr-D and BLEU-4 of greedy captions of held-out images
+  ppl      token-weighted perplexity on held-out text files
+  mc       multiple-choice accuracy (acc, acc_norm) on task files
+Scripts add their own with `register_suite(name, fn)`; fn(context) -> {metric: float}.
+Suites share one `EvalContext` per checkpoint, so fid and clip score the same samples.
+"""
+
+import functools
+import json
+import os
+
+import numpy as np
+
+SUITES = {}
+
+
+def register_suite(name, fn):
+  """Makes `fn(context) -> dict` available as suite `name` (config.eval.suites)."""
+  SUITES[name] = fn
+  return fn
+
+
+def _split(spec):
+  return [p.strip() for p in str(spec).split(",") if p.strip()]
+
+
+class EvalContext:
+  """What suites need for one checkpoint, built lazily and shared between suites."""
+
+  def __init__(self, config, params, step, workdir):
+    self.config, self.params, self.step, self.workdir = config, params, step, workdir
+    self.settings = {}  # recorded with the results (sampler, steps, guidance, ...)
+
+  def require(self, key):
+    value = self.config.eval.get(key) if key in self.config.eval else self.config.get(key)
+    if not value:
+      raise ValueError(f"config.eval.{key} is required by the suites {self.config.eval.suites!r}")
+    return value
+
+  @functools.cached_property
+  def tokenizer(self):
+    from tfusion.data import tokenizer as tokenizer_lib
+    path = self.config.data.tokenizer
+    if not path:
+      raise ValueError("config.data.tokenizer is required for evaluation")
+    return tokenizer_lib.load_tokenizer(path)
+
+  @functools.cached_property
+  def vae(self):
+    from tfusion import vae as vae_lib
+    if not self.config.vae.path:
+      raise ValueError("config.vae.path is required to decode generated images")
+    return vae_lib.load_vae(self.config.vae.path)
+
+  @functools.cached_property
+  def generator(self):
+    from tfusion.generate import engine
+    return engine.Generator(self.config, self.params,
+                            engine.SpecialTokens.from_tokenizer(self.tokenizer))
+
+  @functools.cached_property
+  def scorer(self):
+    from tfusion.evaluate import text_scoring
+    e = self.config.eval
+    return text_scoring.make_scorer(self.generator.model, self.params, batch_size=e.batch_size,
+                                    length=self.seq_len)
+
+  @property
+  def seq_len(self):
+    return int(self.config.eval.seq_len or self.config.data.seq_len)
+
+  @functools.cached_property
+  def prompts(self):
+    """The evaluation prompts: the first num_samples of a seeded shuffle of the file."""
+    return sample_prompts(self.require("prompts"), self.config.eval.num_samples,
+                          self.config.eval.seed)
+
+  def generate_images(self, captions):
+    """uint8 images [N, H, W, 3] for `captions`, with the config's sampler and guidance."""
+    from tfusion.generate import engine, image as image_lib, output
+    e = self.config.eval
+    sampler, steps = image_lib.resolve_sampler(e.sampler or None, self.config.diffusion.objective,
+                                               e.steps or None,
+                                               self.config.diffusion.num_train_steps, None)
+    self.settings.update(sampler=sampler, steps=steps, guidance_scale=e.guidance_scale,
+                         num_samples=len(captions))
+    ids = [self.tokenizer.encode(c) for c in captions]
+    latents = []
+    for start in range(0, len(ids), e.batch_size):
+      chunk = ids[start:start + e.batch_size]
+      keys = engine.sample_keys(e.seed, len(chunk), start=start)
+      latents.append(np.asarray(self.generator.text_to_image(
+          chunk, keys, sampler=sampler, steps=steps, guidance_scale=e.guidance_scale)))
+    return output.decode_latents(self.vae, np.concatenate(latents))
+
+  @functools.cached_property
+  def generated(self):
+    """(captions, uint8 images) of the evaluation prompts, shared by fid and clip."""
+    captions = self.prompts
+    return captions, self.generate_images(captions)
+
+
+def sample_prompts(path, count, seed):
+  """Captions from a .txt (one per line) or .jsonl ({"caption": ...}) file."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"prompt file {path!r} does not exist (config.eval.prompts)")
+  captions = []
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      if path.endswith(".jsonl"):
+        try:
+          text = json.loads(line)["caption"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+          raise ValueError(f"{path}:{line_no}: expected a JSON object with a 'caption'") from None
+      else:
+        text = line.strip()
+      if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{path}:{line_no}: empty caption")
+      captions.append(text.strip())
+  if not captions:
+    raise ValueError(f"prompt file {path} holds no captions (config.eval.prompts)")
+  order = np.random.default_rng(seed).permutation(len(captions))[:count]
+  return [captions[i] for i in order]
+
+
+def fid_suite(ctx):
+  from tfusion.evaluate import fid, inception
+  network = inception.FIDInception(ctx.require("fid_weights"))
+  _, images = ctx.generated
+  resolution = images.shape[1]
+  reference, _ = fid.reference_statistics(
+      ctx.require("fid_reference"), network, resolution=resolution,
+      cache_dir=os.path.join(ctx.workdir, "eval_cache"))
+  generated = fid.statistics_of_images(images, network, resolution=resolution)
+  return {"fid": fid.fid(generated, reference)}
+
+
+def clip_suite(ctx):
+  from tfusion.evaluate import clip
+  scorer = clip.CLIPScorer(ctx.require("clip_weights"))
+  captions, images = ctx.generated
+  return {"clip_score": scorer(images, captions)}
+
+
+def load_caption_references(spec, max_images):
+  """Held-out (latent, [reference captions]) from image-caption records, grouped by id."""
+  from tfusion.data import records
+  groups = {}
+  for path in records.resolve_paths(spec, key="config.eval.caption_records"):
+    for i, rec in enumerate(records.read_records(path)):
+      if rec["kind"] != "image_caption":
+        raise ValueError(f"{path}: record {i} is {rec['kind']!r}, not image_caption "
+                         "(config.eval.caption_records)")
+      key = rec.get("id") or f"{path}:{i}"
+      latent, refs = groups.setdefault(key, (np.asarray(rec["latent"], np.float32), []))
+      refs.append(rec["caption"])
+      if len(groups) > max_images:
+        groups.pop(key)
+        break
+  return list(groups.values())
+
+
+def caption_suite(ctx):
+  from tfusion.evaluate import caption_metrics
+  from tfusion.generate import engine
+  e = ctx.config.eval
+  items = load_caption_references(ctx.require("caption_records"), e.caption_max_images)
+  candidates = []
+  for start in range(0, len(items), e.batch_size):
+    chunk = items[start:start + e.batch_size]
+    latents = np.stack([lat for lat, _ in chunk])
+    ids = ctx.generator.caption(latents, engine.sample_keys(e.seed, len(chunk), start=start),
+                                max_new_tokens=e.caption_max_tokens)
+    candidates.extend(ctx.tokenizer.decode(i) for i in ids)
+  references = [refs for _, refs in items]
+  ctx.settings.update(caption_images=len(items))
+  return {"cider": caption_metrics.cider_d(candidates, references)[0],
+          "bleu4": caption_metrics.bleu(candidates, references)}
+
+
+def ppl_suite(ctx):
+  from tfusion.evaluate import perplexity
+  e = ctx.config.eval
+  out = {}
+  for path in _split(ctx.require("ppl_files")):
+    name = os.path.splitext(os.path.basename(path))[0]
+    result = perplexity.perplexity(ctx.scorer, ctx.tokenizer, perplexity.read_documents(path),
+                                   length=ctx.seq_len, max_tokens=e.ppl_max_tokens or None)
+    out[f"ppl/{name}"] = result["ppl"]
+    out[f"ppl_tokens/{name}"] = result["tokens"]
+  return out
+
+
+def mc_suite(ctx):
+  from tfusion.evaluate import multiple_choice
+  out = {}
+  for path in _split(ctx.require("mc_tasks")):
+    name = os.path.splitext(os.path.basename(path))[0]
+    result = multiple_choice.evaluate_task(ctx.scorer, ctx.tokenizer,
+                                           multiple_choice.load_task(path), max_len=ctx.seq_len)
+    out.update({f"mc/{name}/acc": result["acc"], f"mc/{name}/acc_norm": result["acc_norm"]})
+  return out
+
+
+for _name, _fn in (("fid", fid_suite), ("clip", clip_suite), ("caption", caption_suite),
+                   ("ppl", ppl_suite), ("mc", mc_suite)):
+  register_suite(_name, _fn)
