@@ -118,3 +118,29 @@ def test_watcher_beside_training_survives_kill_and_restart(tmp_path):
   assert restarted.returncode == 0, restarted.stderr[-2000:]  # exits after the final step
   steps = [r["step"] for r in metrics.read_jsonl(eval_jsonl)]
   assert sorted(steps) == [3, 6, 9, 12], steps  # each checkpoint exactly once
+
+
+@pytest.mark.slow
+def test_fid_suite_with_random_inception_weights(run_dir, tmp_path):
+  from tfusion.evaluate import inception
+  rng = np.random.default_rng(0)
+  flat = {}
+  for name, shape in inception.variable_shapes().items():
+    if name.endswith("var"):
+      flat[name] = np.ones(shape, np.float32)
+    elif name.endswith(("mean", "bias")):
+      flat[name] = np.zeros(shape, np.float32)
+    else:
+      flat[name] = (rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))).astype(np.float32)
+  np.savez(tmp_path / "inception.npz", **flat)
+  real = tmp_path / "real"
+  real.mkdir()
+  from PIL import Image
+  for i in range(4):
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(real / f"{i}.png")
+  workdir, config = run_dir
+  config = config.copy_and_resolve_references()
+  config.eval.fid_weights, config.eval.fid_reference = str(tmp_path / "inception.npz"), str(real)
+  results = job.evaluate_checkpoint(workdir, 4, ["fid"], config=config, log=lambda s: None)
+  assert np.isfinite(results["fid"]["fid"]) and results["fid"]["fid"] >= 0
+  assert any(f.startswith("fid_stats_") for f in os.listdir(os.path.join(workdir, "eval_cache")))
