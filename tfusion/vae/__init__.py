@@ -146,9 +146,16 @@ def load_vae(path):
   from safetensors.numpy import load_file
   state = load_file(weights_path)
   params = weights_lib.state_dict_to_params(state, abstract_params(config), source=weights_path)
-  vae = VAE(config, jax.tree.map(jnp.asarray, params),
-            scale=float(raw.get("scaling_factor") or 1.0),
-            shift=float(raw.get("shift_factor") or 0.0))
+  scale = float(raw.get("scaling_factor") or 1.0)
+  shift = float(raw.get("shift_factor") or 0.0)
+  if raw.get("latents_mean") is not None and raw.get("latents_std") is not None:
+    # Per-channel VAEs (e.g. Playground v2.5's): pipelines use (z - mean) * scaling_factor / std.
+    mean, std = (np.asarray(raw[k], np.float32) for k in ("latents_mean", "latents_std"))
+    if mean.shape != (config.latent_channels,) or std.shape != (config.latent_channels,):
+      raise ValueError(f"{config_path}: latents_mean/latents_std need {config.latent_channels} "
+                       f"values each, got {mean.shape} and {std.shape}")
+    shift, scale = mean, scale / std
+  vae = VAE(config, jax.tree.map(jnp.asarray, params), scale=scale, shift=shift)
   stats_path = os.path.join(directory, STATS_FILE)
   if os.path.exists(stats_path):
     with open(stats_path, encoding="utf-8") as f:
@@ -165,7 +172,7 @@ def save_vae(vae, path):
   from safetensors.numpy import save_file
   os.makedirs(path, exist_ok=True)
   cfg = vae.config.to_diffusers_dict()
-  per_channel = np.ndim(vae.scale) > 0
+  per_channel = np.ndim(vae.scale) > 0 or np.ndim(vae.shift) > 0
   cfg["scaling_factor"] = 1.0 if per_channel else float(vae.scale)
   cfg["shift_factor"] = 0.0 if per_channel else float(vae.shift)
   state = {k: np.ascontiguousarray(v, np.float32)
@@ -173,7 +180,12 @@ def save_vae(vae, path):
   save_file(state, os.path.join(path, WEIGHTS_FILE))
   with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(cfg, f, indent=2)
+  stats_path = os.path.join(path, STATS_FILE)
   if per_channel:
-    with open(os.path.join(path, STATS_FILE), "w", encoding="utf-8") as f:
-      json.dump({"mean": np.asarray(vae.shift).tolist(),
-                 "std": (1.0 / np.asarray(vae.scale)).tolist()}, f)
+    c = vae.config.latent_channels
+    with open(stats_path, "w", encoding="utf-8") as f:
+      json.dump({"mean": np.broadcast_to(np.asarray(vae.shift, np.float64), (c,)).tolist(),
+                 "std": np.broadcast_to(1.0 / np.asarray(vae.scale, np.float64), (c,)).tolist()},
+                f)
+  elif os.path.exists(stats_path):  # stale statistics would override this VAE's normalization
+    os.remove(stats_path)

@@ -1,14 +1,15 @@
 """Images in, VAE inputs out: RGB float [-1, 1] at a square resolution, center-cropped.
 
-Accepted: files PIL can read (any mode: grayscale, palette, RGBA composited on white, CMYK)
-and arrays (uint8 in [0, 255] or float in [0, 1]; [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]).
+Accepted: files PIL can read (any mode: grayscale, 16-bit grayscale, palette, RGBA composited
+on white, CMYK; EXIF rotation applied) and arrays (uint8, uint16, bool, or float in [0, 1];
+[H, W], [H, W, 1], [H, W, 3] or [H, W, 4]).
 Anything else is an error naming the file or the array index.
 """
 
 import os
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -43,11 +44,19 @@ def load_image(path, size):
   try:
     with Image.open(path) as img:
       img.load()
-      if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+      img = ImageOps.exif_transpose(img)  # camera photos: rotate as the viewer shows them
+      if img.mode.startswith("I;16") or img.mode == "I":
+        # convert("RGB") would clip 16-bit values at 255 (a white image): rescale instead.
+        gray = np.asarray(img).astype(np.float64)
+        peak = 65535 if img.mode.startswith("I;16") or gray.max() > 255 else 255
+        img = Image.fromarray(np.round(gray / peak * 255).clip(0, 255).astype(np.uint8))
+      elif img.mode == "F":
+        return array_to_model_input(np.asarray(img), size, source=path)
+      if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
       img = _center_crop_resize(img.convert("RGB"), size)
-  except (UnidentifiedImageError, OSError) as e:
+  except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
     raise BadImageError(f"{path}: cannot read as an image ({e})") from None
   return np.asarray(img, np.float32) / 127.5 - 1.0
 
@@ -62,13 +71,18 @@ def array_to_model_input(array, size, source="array"):
                         f"shape {a.shape}")
   if a.dtype == np.uint8:
     pixels = a
+  elif a.dtype == np.uint16:
+    pixels = np.round(a / 257.0).astype(np.uint8)
+  elif a.dtype == bool:
+    pixels = a.astype(np.uint8) * 255
   elif np.issubdtype(a.dtype, np.floating):
     if not np.isfinite(a).all() or a.min() < -1e-3 or a.max() > 1 + 1e-3:
       raise BadImageError(f"{source}: float images must be finite and in [0, 1], got range "
                           f"[{np.nanmin(a):.3g}, {np.nanmax(a):.3g}]")
     pixels = np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
   else:
-    raise BadImageError(f"{source}: dtype {a.dtype} is not supported (uint8 or float in [0, 1])")
+    raise BadImageError(f"{source}: dtype {a.dtype} is not supported (uint8, uint16, bool, or "
+                        f"float in [0, 1])")
   mode = {2: "L", 3: "RGB"}[a.ndim] if a.ndim == 2 or a.shape[-1] == 3 else "RGBA"
   img = Image.fromarray(pixels, mode=mode)
   if mode == "RGBA":

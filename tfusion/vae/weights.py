@@ -77,10 +77,14 @@ def _split_numbers(name):
 def state_dict_to_params(state_dict, abstract_params, *, source="weights"):
   """Converts a diffusers state dict to the nested Flax params matching `abstract_params`.
 
-  Raises WeightMismatchError listing missing, unexpected and mis-shaped tensors.
+  Older layouts (pre-0.14 diffusers attention names, CompVis/LDM single files) are renamed
+  first (tfusion/vae/legacy_keys.py). Raises WeightMismatchError listing missing, unexpected and
+  mis-shaped tensors.
   """
   import flax
+  from tfusion.vae import legacy_keys
 
+  state_dict = legacy_keys.to_current_names(state_dict)
   expected = flax.traverse_util.flatten_dict(abstract_params)
   got, unexpected, misshaped = {}, [], []
   for key, tensor in state_dict.items():
