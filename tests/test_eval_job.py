@@ -108,10 +108,12 @@ def test_watcher_beside_training_survives_kill_and_restart(tmp_path):
   eval_jsonl = os.path.join(workdir, "metrics", "eval.jsonl")
   watcher = subprocess.Popen(watch_cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-  train_utils.wait_for(lambda: len(metrics.read_jsonl(eval_jsonl)) >= 1, what="a first eval",
-                       proc=watcher)
-  watcher.send_signal(signal.SIGKILL)
-  watcher.wait()
+  try:
+    train_utils.wait_for(lambda: len(metrics.read_jsonl(eval_jsonl)) >= 1, what="a first eval",
+                         proc=watcher)
+  finally:  # never leave a watcher behind
+    watcher.send_signal(signal.SIGKILL)
+    watcher.wait()
   _, err = training.communicate(timeout=600)
   assert training.returncode == 0, err[-2000:]
   restarted = subprocess.run(watch_cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -234,16 +234,25 @@ def train_and_evaluate(config, workdir, *, on_log: Optional[Callable] = None):
   except BaseException:
     ckpt.close()  # let started saves finish: they hold good states
     writer.close()
+    _close(data_iter)
     raise
   final_step = int(jax.device_get(state["step"]))
   if final_step not in ckpt.all_steps():
     ckpt.save(final_step, state, data_iter.get_state(), config_json, force=True)
   ckpt.close()
   writer.close()
+  _close(data_iter)
   _print(f"{stop_reason} at step {final_step} ({_fmt_duration(time.perf_counter() - loop_start)}); "
          f"checkpoint {ckpt.directory}/{final_step}")
   return {"step": final_step, "stop_reason": stop_reason, "skipped_steps": skipped,
           "last": last, "state": state}
+
+
+def _close(data_iter):
+  """Stops the iterator's worker processes and prefetch threads, if it has any."""
+  close = getattr(data_iter, "close", None)
+  if close is not None:
+    close()
 
 
 def _count_nonfinite(out, run, skipped, step, config):
