@@ -39,6 +39,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "tfusion-demo=tfusion.demo.main:main",
             "tfusion-train=tfusion.train:main",
             "tfusion-generate=tfusion.generate.cli:main",
             "tfusion-eval=tfusion.evaluate.job:main",

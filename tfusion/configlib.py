@@ -80,7 +80,7 @@ def model_config(size=None):
 def eval_config():
   """The `config.eval` block: what `tfusion-eval` measures on each checkpoint."""
   e = ml_collections.ConfigDict()
-  e.suites = "ppl"  # comma-separated: fid, clip, caption, ppl, mc (and suites a script registers)
+  e.suites = "ppl"  # comma-separated: fid, clip, caption, ppl, mc, loss (and suites a script registers)
   e.poll_seconds = 30.0  # how often the watcher looks for new checkpoints
   e.seed = 0
   e.batch_size = 16  # rows generated or scored together
@@ -105,6 +105,12 @@ def eval_config():
   e.ppl_max_tokens = 0  # 0 = every token (the paper: 20M per corpus)
   e.mc_tasks = ""
   e.seq_len = 0  # rows for text scoring; 0 = config.data.seq_len
+  # Held-out loss (suite "loss"): ArrayRecord sources as in config.data, packed like training
+  # (same mixture weights, no caption dropout); loss_rows rows scored per checkpoint.
+  e.loss_text = ""
+  e.loss_image_caption = ""
+  e.loss_interleaved = ""
+  e.loss_rows = 64
   return e
 
 

@@ -6,6 +6,7 @@ Built in (configured by `config.eval`, see tfusion/configlib.py):
   caption  CIDEr-D and BLEU-4 of greedy captions of held-out images
   ppl      token-weighted perplexity on held-out text files
   mc       multiple-choice accuracy (acc, acc_norm) on task files
+  loss     the training objective (text and image loss) on held-out records
 Scripts add their own with `register_suite(name, fn)`; fn(context) -> {metric: float}.
 Suites share one `EvalContext` per checkpoint, so fid and clip score the same samples.
 """
@@ -209,6 +210,13 @@ def mc_suite(ctx):
   return out
 
 
+def loss_suite(ctx):
+  from tfusion import train_state
+  from tfusion.evaluate import heldout_loss
+  return heldout_loss.heldout_loss(train_state.build_model(ctx.config), ctx.params, ctx.config,
+                                   rows=ctx.config.eval.loss_rows, tokenizer=ctx.tokenizer)
+
+
 for _name, _fn in (("fid", fid_suite), ("clip", clip_suite), ("caption", caption_suite),
-                   ("ppl", ppl_suite), ("mc", mc_suite)):
+                   ("ppl", ppl_suite), ("mc", mc_suite), ("loss", loss_suite)):
   register_suite(_name, _fn)

@@ -25,6 +25,14 @@ def save_png(path, image):
   Image.fromarray(np.asarray(image, np.uint8)).save(path)
 
 
+def label_font(size=12):
+  """A readable label font: Pillow's bundled FreeType font when available, else its bitmap."""
+  try:
+    return ImageFont.load_default(size=size)
+  except (TypeError, ImportError, OSError):  # Pillow < 10.1 or built without FreeType
+    return ImageFont.load_default()
+
+
 def _fit(draw, text, font, width):
   """`text`, cut with an ellipsis to fit `width` pixels."""
   if draw.textlength(text, font=font) <= width:
@@ -50,8 +58,8 @@ def labelled_grid(images, labels, *, min_size=64, pad=4):
     raise ValueError(f"{len(labels)} labels for {rows} rows of images")
   scale = max(1, -(-min_size // max(h, w)))
   h, w = h * scale, w * scale
-  font = ImageFont.load_default()
-  label_h = 14
+  font = label_font()
+  label_h = 15
   width = max(cols * (w + pad) + pad, 160)
   height = rows * (label_h + h + pad) + pad
   grid = Image.new("RGB", (width, height), (255, 255, 255))

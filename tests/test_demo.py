@@ -1,0 +1,91 @@
+"""`tfusion-demo --quick` end to end: every artifact exists, the losses fell, a rerun resumes
+without clobbering; an unwritable workdir or a full disk fails clearly."""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tfusion import metrics
+
+
+def _demo(workdir, *flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one CPU device, as on a user's machine
+  exe = shutil.which("tfusion-demo")
+  cmd = [exe] if exe else [sys.executable, "-m", "tfusion.demo.main"]
+  return subprocess.run(cmd + [f"--workdir={workdir}", *flags], env=env, capture_output=True,
+                        text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("demo"))
+  proc = _demo(workdir, "--quick")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return workdir, proc.stdout
+
+
+def test_quick_demo_makes_every_artifact_and_losses_fall(quick_demo):
+  workdir, out = quick_demo
+  for name in ("report.md", "report.json", "samples.png", "captions.png", "curves.png",
+               "vae/config.json", "data/tokenizer.model", "run/config.json",
+               "run/metrics/train.jsonl", "run/metrics/eval.jsonl"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  for picture in ("samples.png", "captions.png", "curves.png"):
+    assert os.path.getsize(os.path.join(workdir, picture)) > 2000
+  train = metrics.read_jsonl(os.path.join(workdir, "run", "metrics", "train.jsonl"))
+  assert train[-1]["text_loss"] < 0.9 * train[0]["text_loss"]
+  assert train[-1]["image_loss"] < 0.9 * train[0]["image_loss"]
+  with open(os.path.join(workdir, "report.json")) as f:
+    report = json.load(f)
+  for key in ("t2i_accuracy", "digit_fid", "digit_fid_step0", "caption_accuracy", "ppl",
+              "unigram_ppl", "judge_heldout_accuracy", "heldout_image_loss",
+              "heldout_image_loss_step0"):
+    assert report[key] is not None, key
+  assert report["judge_heldout_accuracy"] > 0.85
+  evals = metrics.read_jsonl(os.path.join(workdir, "run", "metrics", "eval.jsonl"))
+  assert {(r["step"], r["suite"]) for r in evals} >= {(0, "digits"), (60, "digits"),
+                                                      (60, "digit_caption"), (60, "ppl"),
+                                                      (0, "loss"), (60, "loss")}
+  for stage in ("tokenizer:", "vae:", "records:", "train:", "evaluate:", "done:"):
+    assert stage in out, stage
+
+
+def test_rerun_resumes_and_keeps_results(quick_demo):
+  workdir, _ = quick_demo
+  before = {n: os.path.getmtime(os.path.join(workdir, n))
+            for n in ("data/tokenizer.model", "vae/config.json")}
+  evals_before = len(metrics.read_jsonl(os.path.join(workdir, "run", "metrics", "eval.jsonl")))
+  proc = _demo(workdir, "--quick")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "tokenizer: " in proc.stdout and "exists, kept" in proc.stdout
+  for name, mtime in before.items():
+    assert os.path.getmtime(os.path.join(workdir, name)) == mtime, name
+  evals = metrics.read_jsonl(os.path.join(workdir, "run", "metrics", "eval.jsonl"))
+  assert len(evals) == evals_before  # nothing evaluated twice
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  proc = _demo(str(blocker / "demo"), "--quick")
+  assert proc.returncode != 0
+  assert "cannot write to the workdir" in proc.stderr
+
+
+def test_full_disk_stops_clearly_and_keeps_finished_stages(tmp_path, monkeypatch):
+  from tfusion.demo import config as demo_config
+  from tfusion.demo import main as demo_main
+
+  def disk_full(config, p):
+    raise OSError(errno.ENOSPC, "No space left on device", os.path.join(p["vae"], "x"))
+
+  monkeypatch.setattr(demo_main, "stage_vae", disk_full)
+  with pytest.raises(SystemExit, match="disk is full.*rerun the same command to resume"):
+    demo_main.run_demo(demo_config.get_config(quick=True), str(tmp_path))
+  assert os.path.getsize(tmp_path / "data" / "tokenizer.model") > 0  # the finished stage stays
