@@ -5,7 +5,7 @@ Usage: python benchmarks/vae_encode_throughput.py                 # both sizes
 
 demo:  32x32 RGB -> 8x8x4 (4x down: the factor is 2 ** (len(block_out_channels) - 1), as in
        diffusers), block_out_channels (16, 32, 64), 1 resnet per block, 16 norm groups, no mid
-       attention: the demo's VAE (tfusion/demo/main.py), as benchmarks/vae_train_digits.py trains it.
+       attention: the demo's VAE (tfusion/demo/main.py; benchmarks/vae_train_digits.py trains it).
 paper: 256x256 RGB -> 32x32x8 (8x down, PAPER.md), SD-VAE widths (128, 256, 512, 512),
        2 resnets per block (the Stable Diffusion VAE architecture with 8 latent channels).
 CPU-s/image (process CPU time) is printed too: on a shared machine it is steadier than wall time.

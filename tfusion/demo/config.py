@@ -33,7 +33,7 @@ def get_config(quick=False):
   c.checkpoint.every_steps = 30 if quick else 250
   c.checkpoint.keep = 10  # all of them (13 MB each): every one is evaluated for the curves
   c.optim.update(dict(lr=1e-3, end_lr=1e-4, warmup_steps=10 if quick else 50,
-                      decay_steps=c.train.steps + 1))
+                      decay_steps=c.train.get_ref("steps") + 1))  # follows --config.train.steps
 
   e = c.eval
   e.suites = "digits,digit_caption,ppl,loss"

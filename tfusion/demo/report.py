@@ -46,7 +46,8 @@ def captions_picture(images, captions, labels, cols=6):
   for i, (img, cap, label) in enumerate(zip(images, captions, labels)):
     r, c = divmod(i, cols)
     x, y = pad + c * (width + pad), pad + r * (tile + text_h + pad)
-    out.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST), (x + (width - tile) // 2, y))
+    picture = Image.fromarray(img).resize((tile, tile), Image.NEAREST)
+    out.paste(picture, (x + (width - tile) // 2, y))
     ok = demo_data.named_digit(cap) == label
     words, line, lines = cap.split(), "", []
     for w in words:  # wrap into at most two lines
