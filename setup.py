@@ -29,9 +29,11 @@ setup(
         # Reads diffusers' VAE weights (.safetensors) with numpy, no PyTorch.
         "safetensors",
         "msgpack",  # the record schema (tfusion/data/records.py); also a flax dependency
+        # tfusion-demo: its images are the digits scikit-learn ships, judged by its MLP.
+        "scikit-learn",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-learn", "scikit-image"],
+        "test": ["pytest>=8", "scikit-image"],
         # PyTorch reference implementations, only for the equivalence tests. Exact pins: these
         # wheels are on the CI machines' disk (a looser torch would pull a multi-GB CUDA build).
         "crosscheck": ["torch==2.14.1", "torchvision==0.29.1", "diffusers", "pytorch-fid",

@@ -16,6 +16,8 @@ def to_features_input(images_uint8):
   n, h, w = gray.shape
   pooled = gray.reshape(n, 8, h // 8, 8, w // 8).mean((2, 4))
   return pooled.reshape(n, 64)
+
+
 @dataclasses.dataclass
 class DigitJudge:
   """An MLP (64 -> 128 ReLU -> 10) over pooled pixels (scaled to [0, 1])."""
