@@ -168,12 +168,8 @@ def stage_evaluate(config, p):
       say(f"evaluate: the untrained model (step 0), the baseline for {baseline}")
       mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
       params0 = train_state.init_state(config, mesh, jax.random.PRNGKey(config.seed))["params"]
-      ctx = suites_lib.EvalContext(config, params0, 0, p["run"])
-      for name in baseline:
-        values = suites_lib.SUITES[name](ctx)
-        writer.write(0, values, suite=name, train_flops=0, settings=dict(ctx.settings))
-        done.setdefault(0, set()).add(name)
-        job._save_done(p["run"], done)
+      job.run_suites(suites_lib.EvalContext(config, params0, 0, p["run"]), baseline,
+                     train_flops=0, done=done, writer=writer, log=say)
     for step in steps:  # every kept checkpoint: the report's curves
       if set(names) - done.get(step, set()):
         say(f"evaluate: step {step} with suites {names}")

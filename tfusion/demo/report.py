@@ -112,7 +112,6 @@ def write_report(config, workdir, p, final_step):
   if os.path.exists(vae_report_path):
     with open(vae_report_path) as f:
       vae_report = json.load(f)
-  first_losses = [r for r in train if r["step"] <= max(train[0]["step"], 1)] if train else []
   numbers = {
       "final_step": final_step,
       "t2i_accuracy": digits_final.get("t2i_accuracy"),
@@ -128,7 +127,7 @@ def write_report(config, workdir, p, final_step):
       "unigram_ppl": unigram,
       "judge_heldout_accuracy": demo_suites.judge_heldout_accuracy(),
       "vae_heldout_psnr": vae_report.get("heldout_psnr"),
-      "first_loss": first_losses[0]["loss"] if first_losses else None,
+      "first_loss": train[0]["loss"] if train else None,
       "last_loss": train[-1]["loss"] if train else None,
       "intra_image": config.model.intra_image,
       "settings": digits_final.get("settings"),

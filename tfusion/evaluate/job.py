@@ -67,24 +67,33 @@ def evaluate_checkpoint(workdir, step, suites, *, config=None, done=None, writer
   cfg = _with_eval_overrides(stored, config)
   ctx = suites_lib.EvalContext(cfg, params, step, workdir)
   train_flops = step * flops.train_flops_per_step(cfg, train_state.param_count(params))
+  return run_suites(ctx, suites, train_flops=train_flops, done=done, writer=writer, log=log)
+
+
+def run_suites(ctx, suites, *, train_flops, done=None, writer=None, log=print):
+  """Runs `suites` (those not yet in `done`) on one EvalContext; returns {suite: metrics}.
+
+  Each result goes to `writer` and into `done` (saved at once) as soon as its suite finishes,
+  so a crash loses at most the suite that was running.
+  """
   results = {}
   for name in suites:
-    if done is not None and name in done.get(step, set()):
+    if done is not None and name in done.get(ctx.step, set()):
       continue
     start = time.perf_counter()
     values = suites_lib.SUITES[name](ctx)
     seconds = time.perf_counter() - start
     results[name] = values
     if writer is not None:
-      writer.write(step, values,
+      writer.write(ctx.step, values,
                    suite=name, train_flops=train_flops, seconds=round(seconds, 2),
                    settings=dict(ctx.settings))
       writer.flush()
     if done is not None:
-      done.setdefault(step, set()).add(name)
-      _save_done(workdir, done)
+      done.setdefault(ctx.step, set()).add(name)
+      _save_done(ctx.workdir, done)
     shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-    log(f"eval step {step} {name}: {shown} ({seconds:.0f}s)")
+    log(f"eval step {ctx.step} {name}: {shown} ({seconds:.0f}s)")
   return results
 
 

@@ -134,6 +134,9 @@ def run(args):
       gen.check_text_to_image(prompts, args.sampler, args.steps, args.clip_x0)
   needs_vae = args.caption is not None or (not args.text and (args.out or args.images_dir))
   vae = _load_vae(_vae_path(args, config), config) if needs_vae else None
+  # Every prompt --num times, one seeded key per row (all modes but --caption).
+  rows_prompts = [p for p in prompts for _ in range(args.num)]
+  row_keys = engine.sample_keys(args.seed, len(rows_prompts))
   print(f"checkpoint {args.workdir} step {step}; {config.model.num_layers}x"
         f"{config.model.d_model} model, {config.diffusion.objective} objective", flush=True)
   start = time.perf_counter()
@@ -157,11 +160,9 @@ def run(args):
       _write_jsonl(args.out, records)
 
   elif args.text:
-    rows_prompts = [p for p in prompts for _ in range(args.num)]
-    keys = engine.sample_keys(args.seed, len(rows_prompts))
     records = []
     for rows in _batches(len(rows_prompts), args.batch_size):
-      result = gen.complete([rows_prompts[i] for i in rows], keys[rows.start:rows.stop],
+      result = gen.complete([rows_prompts[i] for i in rows], row_keys[rows.start:rows.stop],
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p)
       for j, i in enumerate(rows):
@@ -174,11 +175,9 @@ def run(args):
       _write_jsonl(args.out, records)
 
   elif args.interleaved:
-    rows_prompts = [p for p in prompts for _ in range(args.num)]
-    keys = engine.sample_keys(args.seed, len(rows_prompts))
     docs = []
     for rows in _batches(len(rows_prompts), args.batch_size):
-      docs += gen.interleaved([rows_prompts[i] for i in rows], keys[rows.start:rows.stop],
+      docs += gen.interleaved([rows_prompts[i] for i in rows], row_keys[rows.start:rows.stop],
                               num_images=args.num_images, max_text_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p,
                               sampler=args.sampler, steps=args.steps, guidance_scale=args.cfg,
@@ -198,12 +197,10 @@ def run(args):
     _write_images(args, vae, gen, np.asarray(latents), labels, docs, wrote)
 
   else:
-    rows_prompts = [p for p in prompts for _ in range(args.num)]
-    keys = engine.sample_keys(args.seed, len(rows_prompts))
     latents = []
     for rows in _batches(len(rows_prompts), args.batch_size):
       latents.append(np.asarray(gen.text_to_image(
-          [rows_prompts[i] for i in rows], keys[rows.start:rows.stop], sampler=args.sampler,
+          [rows_prompts[i] for i in rows], row_keys[rows.start:rows.stop], sampler=args.sampler,
           steps=args.steps, guidance_scale=args.cfg, clip_x0=args.clip_x0)))
     latents = np.concatenate(latents)
     docs = [[("image", x)] for x in latents]
