@@ -27,4 +27,24 @@ def test_slurm_dry_run():
   out = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--config", "c.py:0.76B",
                         "--workdir", "/shared/r"], capture_output=True, text=True, check=True,
                        env=dict(os.environ, DRY_RUN="1")).stdout
-  assert out.strip() == "srun --kill-on-bad-exit=1 tfusion-train --config c.py:0.76B --workdir /shared/r"
+  srun, requeue = out.strip().splitlines()
+  assert srun.strip() == ("srun --kill-on-bad-exit=1 tfusion-train --config c.py:0.76B "
+                          "--workdir /shared/r --config.train.preempted_exit_code=75")
+  assert requeue == "on exit status 75: scontrol requeue ${SLURM_JOB_ID}"
+
+
+def test_slurm_requeues_only_a_preempted_run(tmp_path):
+  """Fake srun/scontrol on PATH: status 75 requeues (and the job exits 0), others do not."""
+  for name, body in (("srun", 'echo "srun $*" >> "$LOG"; exit "$SRUN_STATUS"'),
+                     ("scontrol", 'echo "scontrol $*" >> "$LOG"')):
+    path = tmp_path / name
+    path.write_text(f"#!/usr/bin/env bash\n{body}\n")
+    path.chmod(0o755)
+  for status, want_rc, requeued in ((75, 0, True), (0, 0, False), (2, 2, False)):
+    log = tmp_path / f"log{status}"
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", LOG=str(log),
+               SRUN_STATUS=str(status), SLURM_JOB_ID="123")
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--config", "c.py",
+                           "--workdir", "/r"], capture_output=True, text=True, env=env)
+    assert proc.returncode == want_rc, proc.stderr
+    assert ("scontrol requeue 123" in log.read_text()) == requeued

@@ -88,3 +88,94 @@ def final_params(workdir):
   from tfusion import checkpoint
   params, _, step = checkpoint.restore_params(workdir)
   return step, [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def tree_digest(path):
+  """sha256 over every file's path and bytes under `path` (to show a directory unchanged)."""
+  import hashlib
+  digest = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for name in sorted(files):
+      full = os.path.join(root, name)
+      digest.update(full.encode())
+      with open(full, "rb") as f:
+        digest.update(f.read())
+  return digest.hexdigest()
+
+
+def grain_data(root):
+  """A tokenizer and small text and image-caption ArrayRecord files under `root` (a Path).
+
+  Returns config overrides for `tiny_config` that train on them through the Grain pipeline.
+  """
+  from tfusion.data import records, samples
+  samples.sample_tokenizer(str(root), vocab_size=400)
+  records.write_records(str(root / "text.array_record"), [
+      records.text_record(t) for _, t in samples.pydoc_topics()[:20]])
+  rng = np.random.default_rng(0)
+  records.write_records(str(root / "pairs.array_record"), [
+      records.image_caption_record(rng.standard_normal((4, 4, 4)).astype(np.float32),
+                                   f"picture number {i}") for i in range(12)])
+  return {"data.source": "grain", "data.tokenizer": str(root / "tokenizer.model"),
+          "data.text": str(root / "text.array_record"),
+          "data.image_caption": str(root / "pairs.array_record"), "model.vocab_size": 512,
+          "data.prefetch": 0}
+
+
+_SHARED = {}
+
+
+def shared_tiny_run(tmp_path_factory, steps=6, every=2):
+  """One tiny in-process run (8 devices, checkpoints every `every` steps) per pytest session,
+  shared by test files that only read it or copy it (a run costs a compile)."""
+  key = (steps, every)
+  if key not in _SHARED:
+    from tfusion import train
+    workdir = str(tmp_path_factory.mktemp(f"shared_run_{steps}_{every}"))
+    config = tiny_config(**{"train.steps": steps, "checkpoint.every_steps": every})
+    assert train.train_and_evaluate(config, workdir)["step"] == steps
+    _SHARED[key] = workdir
+  return _SHARED[key]
+
+
+_STEP_FNS = {}
+
+
+def _step_key(config, mesh):
+  """What the jitted train step depends on: all but the train/checkpoint/eval blocks."""
+  import json
+  blocks = {k: v for k, v in json.loads(config.to_json_best_effort()).items()
+            if k not in ("train", "checkpoint", "eval")}
+  return (json.dumps(blocks, sort_keys=True), tuple(mesh.shape.items()),
+          tuple(d.id for d in mesh.devices.flat))
+
+
+def compiled_steps_reused():
+  """Context: in-process runs of one model/optimizer/data config reuse one compiled train
+  step (compiling costs ~10 s a run on CPU and is not what run-safety tests test)."""
+  import pytest
+  from tfusion import train
+  real = train.make_train_step
+
+  def cached(config, mesh, shardings):
+    key = _step_key(config, mesh)
+    if key not in _STEP_FNS:
+      _STEP_FNS[key] = real(config, mesh, shardings)
+    return _STEP_FNS[key]
+
+  patch = pytest.MonkeyPatch()
+  patch.setattr(train, "make_train_step", cached)
+  return _Undo(patch)
+
+
+class _Undo:
+  def __init__(self, patch):
+    self.patch = patch
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.patch.undo()
+    return False

@@ -61,3 +61,31 @@ def read_jsonl(path):
       except json.JSONDecodeError:
         continue
   return out
+
+
+def truncate_after(path, step):
+  """Drops the records with "step" > `step` (a resumed run redoes those steps).
+
+  Atomic: the kept lines go to a temporary file that replaces the original, so a crash
+  leaves either file whole. Process 0 only (the only writer). Returns the number dropped.
+  """
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        dropped += 1  # a torn last line left by a crash
+        continue
+      if isinstance(record, dict) and record.get("step", 0) > step:
+        dropped += 1
+      else:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  if dropped:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return dropped

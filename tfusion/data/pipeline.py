@@ -168,7 +168,8 @@ class PackedBatchesIterator(grain.DatasetIterator):
     n = len(ds.datasets)
     self._next = [0] * n  # next stream index per source
     self._bad_run = [0] * n
-    self._skipped = {}
+    self._skipped = {}  # by reason (BadRecord.code)
+    self._skipped_sources = {}  # by source kind
     self._batches = 0
     measures = ["patches" if k == "image_caption" else "positions" for k in ds.kinds]
     self._packer = packing_lib.Packer(weights=ds.weights, measures=measures, **ds.packer_args)
@@ -192,6 +193,8 @@ class PackedBatchesIterator(grain.DatasetIterator):
 
   def _count_bad(self, s, bad):
     self._skipped[bad.code] = self._skipped.get(bad.code, 0) + 1
+    kind = self._ds.kinds[s]
+    self._skipped_sources[kind] = self._skipped_sources.get(kind, 0) + 1
     self._bad_run[s] += 1
     documents_lib.log_bad_record(bad, sum(self._skipped.values()))
     limit = min(MAX_BAD_IN_A_ROW, self._ds.fingerprint["sources"][s][2])
@@ -218,6 +221,7 @@ class PackedBatchesIterator(grain.DatasetIterator):
         "exhausted": list(p.exhausted),
         "bad_run": list(self._bad_run),
         "skipped": dict(self._skipped),
+        "skipped_sources": dict(self._skipped_sources),
         "batches": self._batches,
         # Documents still open in the pools: (stream index, packed offset) per source.
         "pools": [[[e.doc.origin, e.offset] for e in pool] for pool in p.pools],
@@ -243,6 +247,8 @@ class PackedBatchesIterator(grain.DatasetIterator):
     p.exhausted = [bool(x) for x in state["exhausted"]]
     self._bad_run = [int(x) for x in state["bad_run"]]
     self._skipped = {str(k): int(v) for k, v in state["skipped"].items()}
+    self._skipped_sources = {str(k): int(v)
+                             for k, v in state.get("skipped_sources", {}).items()}
     self._batches = int(state["batches"])
     p.pools = [[] for _ in p.pools]
     for s, pool in enumerate(state["pools"]):
@@ -333,14 +339,18 @@ class DataIterator:
     self._it.set_state(state)
 
   def metrics(self):
-    """Counters for logs/metrics: skipped bad records (by reason) and batches packed."""
-    skipped, batches = {}, 0
+    """Counters for logs/metrics: skipped bad records (by reason, by source) and batches
+    packed, since the start of the run (they travel in the iterator state)."""
+    skipped, sources, batches = {}, {}, 0
     for s in _find_states(self.get_state()):
       batches += s["batches"]
       for k, v in s["skipped"].items():
         skipped[k] = skipped.get(k, 0) + v
+      for k, v in s.get("skipped_sources", {}).items():
+        sources[k] = sources.get(k, 0) + v
     out = {"data/skipped_records": sum(skipped.values()), "data/batches": batches}
     out.update({f"data/skipped_{k}": v for k, v in sorted(skipped.items())})
+    out.update({f"data/skipped_source_{k}": v for k, v in sorted(sources.items())})
     return out
 
   def close(self):

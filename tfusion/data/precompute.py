@@ -4,6 +4,7 @@
       (--images FOLDER --captions captions.jsonl|captions.csv
        | --tfds NAME --data_dir DIR [--split train] [--image_key image] [--caption_key caption])
       [--resolution 256] [--batch_size 32] [--shard_size 4096] [--latent_dtype float16]
+      [--overwrite]
 
 Captions files: JSONL lines {"file": "name.jpg", "caption": "..."} or a CSV with columns
 `file` and `caption`; file names are relative to the image folder; one record per line (an
@@ -16,7 +17,16 @@ and split over the local devices, and written as records of the schema in record
 in shard i // shard_size: OUT/image_caption-SSSSS-of-NNNNN.array_record. A shard appears
 under its name only when complete, beside a .json with its counts; rerunning skips finished
 shards. Unreadable images, empty captions, missing files and non-finite latents are skipped,
-counted by reason, and reported at the end.
+counted by reason, and reported at the end with the first few items of each reason.
+
+OUT/precompute.json (the manifest) records what the shards were made from: a fingerprint of
+the VAE (parameters, architecture, latent normalization), the resolution, latent dtype and
+shard layout, and the inputs: the captions file's content hash and the referenced images'
+names and byte sizes (cheap, and unchanged by copying a dataset elsewhere; an image rewritten
+in place to exactly the same size is not noticed), the TFDS dataset name/split/data_dir, or a
+hash of in-memory arrays. A rerun whose inputs differ stops with one line naming what changed
+(VAE, resolution, captions, images, ...) unless --overwrite, which deletes the old shards
+first; a matching rerun resumes shard by shard.
 
 From Python (the demo): `write_latent_records(images, captions, vae, out_dir)` does the same
 for in-memory arrays.
@@ -38,6 +48,13 @@ import numpy as np
 from tfusion.data import records as records_lib
 
 MANIFEST = "precompute.json"
+MANIFEST_FORMAT = 2  # 2: with VAE and input fingerprints
+EXAMPLES_PER_REASON = 3  # skipped items named per reason in the summary
+# What a manifest key means, for "... changed" messages.
+_LABELS = {"vae": "the VAE (weights, config or latent statistics)", "resolution": "resolution",
+           "latent_dtype": "latent dtype", "shard_size": "shard size",
+           "items": "number of items", "captions": "captions", "images": "images",
+           "dataset": "TFDS dataset"}
 
 
 @dataclasses.dataclass
@@ -105,6 +122,39 @@ def folder_items(images_dir, captions_path):
     items.append(Item(f"{name} (line {line})", caption if isinstance(caption, str) else "",
                       load))
   return items
+
+
+def _sha(parts):
+  h = hashlib.sha256()
+  for part in parts:
+    h.update(part if isinstance(part, bytes) else str(part).encode("utf-8"))
+    h.update(b"\0")
+  return h.hexdigest()[:16]
+
+
+def folder_fingerprints(images_dir, captions_path):
+  """{"captions": content hash, "images": hash of the referenced files' names and sizes}."""
+  with open(captions_path, "rb") as f:
+    captions = _sha([f.read()])
+  names = sorted({str(name) for name, _, _ in _read_captions(captions_path)})
+  sizes = []
+  for name in names:
+    path = os.path.join(images_dir, name)
+    sizes.append(os.path.getsize(path) if os.path.isfile(path) else -1)
+  return {"captions": captions, "images": _sha(f"{n}:{z}" for n, z in zip(names, sizes))}
+
+
+def vae_fingerprint(vae):
+  """A hash of the VAE's architecture, parameters and latent normalization."""
+  import jax
+  leaves = jax.tree_util.tree_flatten_with_path(vae.params)[0]
+  parts = [json.dumps(dataclasses.asdict(vae.config), sort_keys=True, default=list)]
+  for value in (vae.scale, vae.shift):
+    parts.append(np.asarray(value, np.float32).tobytes())
+  for path, leaf in leaves:
+    a = np.asarray(jax.device_get(leaf))
+    parts += [jax.tree_util.keystr(path), f"{a.dtype.str}{a.shape}", a.tobytes()]
+  return _sha(parts)
 
 
 class TfdsItems:
@@ -178,12 +228,15 @@ def _shard_path(out_dir, shard, num_shards):
 
 
 def _encode_shard(items, encoder, path, resolution, latent_dtype, progress):
-  """Writes one shard; returns its counts {"written": n, "skipped": {reason: n}}."""
-  skipped = {}
+  """Writes one shard; returns its counts {"written", "skipped": {reason: n}, "examples"}."""
+  skipped, examples = {}, {}
   pending = []  # (item, image)
 
-  def skip(reason):
+  def skip(reason, item):
     skipped[reason] = skipped.get(reason, 0) + 1
+    named = examples.setdefault(reason, [])
+    if len(named) < EXAMPLES_PER_REASON:
+      named.append(item.key)
     progress.update(1)
 
   with records_lib.RecordWriter(path, options="group_size:1,uncompressed") as writer:
@@ -193,11 +246,11 @@ def _encode_shard(items, encoder, path, resolution, latent_dtype, progress):
       latents = encoder(np.stack([img for _, img in pending]))
       for (item, _), latent in zip(pending, latents):
         if not np.isfinite(latent).all():
-          skip("non-finite latent")
+          skip("non-finite latent", item)
           continue
         latent = latent.astype(latent_dtype)
         if not np.isfinite(latent).all():
-          skip(f"latent overflows {np.dtype(latent_dtype).name}")
+          skip(f"latent overflows {np.dtype(latent_dtype).name}", item)
           continue
         writer.write(records_lib.image_caption_record(latent, item.caption.strip(), id=item.key))
         progress.update(1)
@@ -205,24 +258,89 @@ def _encode_shard(items, encoder, path, resolution, latent_dtype, progress):
 
     for item in items:
       if not item.caption.strip():
-        skip("empty caption")
+        skip("empty caption", item)
         continue
       try:
         pending.append((item, item.load(resolution)))
       except SkipItem as e:
-        skip(str(e))
+        skip(str(e), item)
         continue
       if len(pending) == encoder.batch_size:
         flush()
     flush()
     count = writer.count
-  return {"written": count, "skipped": skipped}
+  return {"written": count, "skipped": skipped, "examples": examples}
+
+
+def _output_files(out_dir):
+  """This job's files in out_dir: shards, their counts, partial files and the manifest."""
+  names = [n for n in os.listdir(out_dir) if n.startswith("image_caption-") and (
+      n.endswith((records_lib.EXTENSION, ".json", ".tmp")))]
+  if os.path.exists(os.path.join(out_dir, MANIFEST)):
+    names.append(MANIFEST)
+  return [os.path.join(out_dir, n) for n in sorted(names)]
+
+
+def manifest_changes(old, new):
+  """What differs between two manifests, as short phrases ([] when they match)."""
+  if old.get("format") != MANIFEST_FORMAT:
+    return ["the manifest (written by an older tfusion-precompute-latents without input "
+            "fingerprints)"]
+  changes = []
+  for key in ("vae", "resolution", "latent_dtype", "shard_size", "items"):
+    if old.get(key) != new.get(key):
+      label = _LABELS[key]
+      changes.append(label if key == "vae" else f"{label} ({old.get(key)} -> {new.get(key)})")
+  old_in, new_in = old.get("inputs", {}), new.get("inputs", {})
+  changes += [_LABELS.get(k, k) for k in sorted(set(old_in) | set(new_in))
+              if old_in.get(k) != new_in.get(k)]
+  return changes
+
+
+def _prepare_out_dir(out_dir, manifest, overwrite):
+  """Checks (or with `overwrite`, clears) out_dir against `manifest`; then records it."""
+  os.makedirs(out_dir, exist_ok=True)
+  manifest_path = os.path.join(out_dir, MANIFEST)
+  existing = _output_files(out_dir)
+  finished = [p for p in existing if p.endswith((records_lib.EXTENSION,
+                                                 records_lib.EXTENSION + ".json"))]
+  if finished and not overwrite:  # without finished shards there is nothing to keep
+    if not os.path.exists(manifest_path):
+      raise ValueError(f"{out_dir} holds image_caption shards but no {MANIFEST}, so what they "
+                       "were made from is unknown; use --overwrite to replace them, or another "
+                       "--out")
+    with open(manifest_path, encoding="utf-8") as f:
+      old = json.load(f)
+    changes = manifest_changes(old, manifest)
+    if changes:
+      raise ValueError(f"{out_dir} holds latents of another precompute run: "
+                       f"{'; '.join(changes)} changed. Use --overwrite (overwrite=True) to "
+                       "delete them and encode again, or another --out")
+    return
+  for path in existing:  # --overwrite: nothing of the old run may survive into the new one
+    os.remove(path)
+  tmp = manifest_path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=2)
+  os.replace(tmp, manifest_path)
+
+
+def skipped_lines(summary, examples):
+  """One line per skip reason naming its first few items (`examples` from `precompute`)."""
+  return [f"skipped ({reason}, {n}x): {', '.join(examples.get(reason, []))}"
+          + (", ..." if n > len(examples.get(reason, [])) else "")
+          for reason, n in sorted(summary["skipped"].items())]
 
 
 def precompute(items, vae, out_dir, *, resolution=256, batch_size=32, shard_size=4096,
-               latent_dtype="float16", source="", show_progress=True):
+               latent_dtype="float16", source="", inputs=None, overwrite=False,
+               skipped_examples=None, show_progress=True):
   """Encodes `items` (a sequence of Item) into record shards in out_dir.
 
+  `inputs`: {name: fingerprint} of what the items are made from (captions, images, dataset);
+  with the VAE's fingerprint and the settings it forms the manifest a rerun must match
+  (else ValueError naming what changed), unless `overwrite` deletes the old shards first.
+  `skipped_examples`, a dict, receives {reason: [the first few skipped item keys]}.
   Returns {"written": n, "skipped": {reason: n}, "shards": S, "shards_done_before": k}.
   """
   from tqdm import tqdm
@@ -235,27 +353,22 @@ def precompute(items, vae, out_dir, *, resolution=256, batch_size=32, shard_size
   if total == 0:
     raise ValueError("no images to encode")
   num_shards = math.ceil(total / shard_size)
-  os.makedirs(out_dir, exist_ok=True)
-  manifest = {"source": source, "items": total, "shard_size": shard_size,
-              "resolution": resolution, "latent_dtype": latent_dtype,
-              "latent_shape": [resolution // vae.downsample_factor] * 2 + [vae.latent_channels]}
-  manifest_path = os.path.join(out_dir, MANIFEST)
-  if os.path.exists(manifest_path):
-    with open(manifest_path, encoding="utf-8") as f:
-      old = json.load(f)
-    if old != manifest:
-      raise ValueError(f"{out_dir} holds shards of another precompute run ({old}); this run "
-                       f"would be {manifest}. Use another --out or remove that directory.")
-  else:
-    with open(manifest_path, "w", encoding="utf-8") as f:
-      json.dump(manifest, f, indent=2)
+  manifest = {"format": MANIFEST_FORMAT, "vae": vae_fingerprint(vae), "resolution": resolution,
+              "latent_dtype": latent_dtype, "shard_size": shard_size, "items": total,
+              "latent_shape": [resolution // vae.downsample_factor] * 2 + [vae.latent_channels],
+              "inputs": dict(inputs or {}), "source": source}  # source: for people, not compared
+  _prepare_out_dir(out_dir, manifest, overwrite)
 
   summary = {"written": 0, "skipped": {}, "shards": num_shards, "shards_done_before": 0}
+  examples = {} if skipped_examples is None else skipped_examples
 
   def add(counts):
     summary["written"] += counts["written"]
     for k, v in counts["skipped"].items():
       summary["skipped"][k] = summary["skipped"].get(k, 0) + v
+    for k, named in counts.get("examples", {}).items():
+      kept = examples.setdefault(k, [])
+      kept.extend(named[:EXAMPLES_PER_REASON - len(kept)])
 
   todo = []
   for s in range(num_shards):
@@ -292,25 +405,27 @@ def _array_item_loader(image, where, resolution):
     raise SkipItem("unreadable image") from None
 
 
-def _arrays_fingerprint(images, captions):
-  """A short hash of the arrays and captions: names the run in the shards' manifest."""
-  h = hashlib.sha1()
-  for image, caption in zip(images, captions):
-    a = np.ascontiguousarray(image)
-    h.update(f"{a.dtype.str}{a.shape}{caption!r}".encode("utf-8"))
-    h.update(a.tobytes())
-  return h.hexdigest()[:16]
+def _arrays_fingerprints(images, captions):
+  """{"images": hash of the arrays, "captions": hash of the captions} for the manifest."""
+  def image_parts():
+    for image in images:
+      a = np.ascontiguousarray(image)
+      yield f"{a.dtype.str}{a.shape}"
+      yield a.tobytes()
+  return {"images": _sha(image_parts()), "captions": _sha(repr(c) for c in captions)}
 
 
 def write_latent_records(images, captions, vae, out_dir, *, resolution=256, batch_size=32,
-                         shard_size=4096, latent_dtype="float16", show_progress=False):
+                         shard_size=4096, latent_dtype="float16", overwrite=False,
+                         show_progress=False):
   """In-memory images + captions -> image–caption record shards in out_dir (demo, notebooks).
 
   images: N arrays [H, W] or [H, W, 1|3|4], uint8 or float in [0, 1], any size (center-cropped
   and resized to `resolution`), e.g. one array [N, H, W, 3]. captions: N strings. Encoded
   with `vae` exactly as tfusion-precompute-latents does (same shards and manifest, same skips:
   empty captions, unusable arrays, non-finite latents). Rerunning with the same arrays skips
-  finished shards; different arrays into the same out_dir are an error.
+  finished shards; different arrays, captions or VAE into the same out_dir are an error
+  naming what changed, unless `overwrite` (the old shards are deleted first).
   Returns {"written", "skipped": {reason: n}, "shards", "shards_done_before"} (`precompute`).
   """
   if len(images) != len(captions):
@@ -319,8 +434,8 @@ def write_latent_records(images, captions, vae, out_dir, *, resolution=256, batc
                 functools.partial(_array_item_loader, image, f"array[{i}]"))
            for i, (image, caption) in enumerate(zip(images, captions))]
   return precompute(items, vae, out_dir, resolution=resolution, batch_size=batch_size,
-                    shard_size=shard_size, latent_dtype=latent_dtype,
-                    source=f"arrays:{_arrays_fingerprint(images, captions)}",
+                    shard_size=shard_size, latent_dtype=latent_dtype, source="arrays",
+                    inputs=_arrays_fingerprints(images, captions), overwrite=overwrite,
                     show_progress=show_progress)
 
 
@@ -341,14 +456,20 @@ def main(argv=None):
                       help="images per encode call (rounded up to a multiple of the devices)")
   parser.add_argument("--shard_size", type=int, default=4096, help="items per output shard")
   parser.add_argument("--latent_dtype", default="float16", choices=records_lib.LATENT_DTYPES)
+  parser.add_argument("--overwrite", action="store_true",
+                      help="--out holds latents of other inputs: delete them and encode again")
   args = parser.parse_args(argv)
+  from tfusion import logs
+  logs.setup_console()
   try:
     if args.tfds:
       items = TfdsItems(args.tfds, args.data_dir, args.split, args.image_key, args.caption_key)
       source = f"tfds:{args.tfds}/{args.split}@{args.data_dir}"
+      inputs = {"dataset": f"{source} [{args.image_key}, {args.caption_key}] x{len(items)}"}
     elif args.images and args.captions:
       items = folder_items(args.images, args.captions)
       source = f"folder:{os.path.abspath(args.images)}+{os.path.abspath(args.captions)}"
+      inputs = folder_fingerprints(args.images, args.captions)
     else:
       parser.error("give --images and --captions, or --tfds and --data_dir")
     from tfusion.vae import load_vae
@@ -356,12 +477,16 @@ def main(argv=None):
       raise FileNotFoundError(f"--vae {args.vae!r} does not exist (a diffusers-format VAE "
                               "directory; nothing is downloaded)")
     vae = load_vae(args.vae)
+    examples = {}
     summary = precompute(items, vae, args.out, resolution=args.resolution,
                          batch_size=args.batch_size, shard_size=args.shard_size,
-                         latent_dtype=args.latent_dtype, source=source)
+                         latent_dtype=args.latent_dtype, source=source, inputs=inputs,
+                         overwrite=args.overwrite, skipped_examples=examples)
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f"tfusion-precompute-latents: error: {e}", file=sys.stderr)
     sys.exit(2)
+  for line in skipped_lines(summary, examples):
+    print(line)
   skipped = sum(summary["skipped"].values())
   reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary["skipped"].items())) or "none"
   print(f"wrote {summary['written']} image–caption records in {summary['shards']} shards to "

@@ -8,6 +8,12 @@ recorded in W/metrics/eval_state.json after each suite, so a killed watcher rest
 neither redoes nor skips work. Orbax only exposes a checkpoint once it is completely written,
 so a checkpoint being saved is never read. Without --once it stops after evaluating the
 run's final step (config.train.steps).
+
+Safety: every suite's inputs (SUITE_INPUTS: files exist, weights given) are checked before
+any suite runs, failing in one line naming the config key. A checkpoint that cannot be
+restored (a file deleted or corrupted) is skipped with a warning naming it, and the watcher
+goes on to the next. `--config` defaults to the run's stored config (W/config.json, else the
+newest checkpoint's), so `--config.eval.key=value` overrides work on their own.
 """
 
 import json
@@ -20,6 +26,76 @@ from tfusion import flops, metrics as metrics_lib
 from tfusion.evaluate import suites as suites_lib
 
 STATE_FILE = "eval_state.json"
+
+# What each suite reads: (config key, kind). Kinds: file, dir, path (file or directory),
+# files (comma-separated files), records (ArrayRecord files/dirs/globs); a tuple of keys
+# means "at least one of them". Scripts that register a suite may add its entry here.
+SUITE_INPUTS = {
+    "fid": [("eval.prompts", "file"), ("eval.fid_weights", "file"),
+            ("eval.fid_reference", "dir"), ("data.tokenizer", "file"), ("vae.path", "path")],
+    "clip": [("eval.prompts", "file"), ("eval.clip_weights", "file"),
+             ("data.tokenizer", "file"), ("vae.path", "path")],
+    "caption": [("eval.caption_records", "records"), ("data.tokenizer", "file")],
+    "ppl": [("eval.ppl_files", "files"), ("data.tokenizer", "file")],
+    "mc": [("eval.mc_tasks", "files"), ("data.tokenizer", "file")],
+    "loss": [(("eval.loss_text", "eval.loss_image_caption", "eval.loss_interleaved"), "records"),
+             ("data.tokenizer", "file")],
+}
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint that Orbax lists but cannot restore (the message names it)."""
+
+
+def _get(config, key):
+  node = config
+  for part in key.split("."):
+    if part not in node:
+      return ""
+    node = node[part]
+  return node
+
+
+def _input_problem(key, kind, value):
+  from tfusion.data import records
+  parts = [p.strip() for p in str(value).split(",") if p.strip()] if kind != "records" else [value]
+  for part in parts:
+    if kind == "records":
+      try:
+        records.resolve_paths(part, key=f"config.{key}")
+      except FileNotFoundError as e:
+        return str(e)
+    elif kind == "dir" and not os.path.isdir(part):
+      return f"config.{key}: {part!r} is not a directory"
+    elif kind in ("file", "files") and not os.path.isfile(part):
+      return f"config.{key}: {part!r} does not exist"
+    elif kind == "path" and not os.path.exists(part):
+      return f"config.{key}: {part!r} does not exist"
+  return None
+
+
+def check_inputs(config, suites, *, eval_keys_only=False):
+  """Raises ValueError (one line, naming config keys) when a suite's inputs are missing.
+
+  eval_keys_only: check config.eval.* only (the run's stored config, not yet written, may
+  still supply data.tokenizer and vae.path).
+  """
+  problems = []
+  for suite in suites:
+    for keys, kind in SUITE_INPUTS.get(suite, []):
+      keys = (keys,) if isinstance(keys, str) else keys
+      if eval_keys_only and not keys[0].startswith("eval."):
+        continue
+      given = [(k, _get(config, k)) for k in keys if _get(config, k)]
+      if not given:
+        problem = (f"suite {suite} needs config.{' or config.'.join(keys)}, which "
+                   f"{'is' if len(keys) == 1 else 'are'} empty")
+      else:
+        problem = next((p for k, v in given if (p := _input_problem(k, kind, v))), None)
+      if problem and problem not in problems:
+        problems.append(problem if problem.startswith("suite") else f"{problem} (suite {suite})")
+  if problems:
+    raise ValueError("; ".join(problems))
 
 
 def _state_path(workdir):
@@ -63,8 +139,14 @@ def evaluate_checkpoint(workdir, step, suites, *, config=None, done=None, writer
   from tfusion import sharding, train_state
 
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  params, stored, _ = checkpoint_lib.restore_params(workdir, step, mesh=mesh)
+  try:
+    params, stored, _ = checkpoint_lib.restore_params(workdir, step, mesh=mesh)
+  except Exception as e:  # noqa: BLE001 - Orbax raises many kinds for missing/corrupt files
+    where = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step))
+    raise DamagedCheckpointError(f"checkpoint {where} cannot be restored "
+                                 f"({type(e).__name__}: {str(e)[:200]})") from e
   cfg = _with_eval_overrides(stored, config)
+  check_inputs(cfg, suites)
   ctx = suites_lib.EvalContext(cfg, params, step, workdir)
   train_flops = step * flops.train_flops_per_step(cfg, train_state.param_count(params))
   return run_suites(ctx, suites, train_flops=train_flops, done=done, writer=writer, log=log)
@@ -103,7 +185,15 @@ def run(workdir, suites, *, config=None, once=False, poll_seconds=30.0, final_st
   for name in suites:
     if name not in suites_lib.SUITES:
       raise ValueError(f"unknown eval suite {name!r}; known: {sorted(suites_lib.SUITES)}")
+  if config is not None:  # fail before waiting for checkpoints, with the run's own paths
+    from tfusion import config_cli
+    stored = config_cli.load_run_config(workdir) if os.path.isdir(workdir) else None
+    if stored is not None:
+      check_inputs(_with_eval_overrides(stored, config), suites)
+    else:
+      check_inputs(config, suites, eval_keys_only=True)
   done = load_done(workdir)
+  damaged = set()  # steps skipped in this call (retried by a restarted watcher)
   writer = metrics_lib.MetricWriter(os.path.join(workdir, "metrics", "eval.jsonl"),
                                     os.path.join(workdir, "tb", "eval"))
   evaluated = []
@@ -111,10 +201,15 @@ def run(workdir, suites, *, config=None, once=False, poll_seconds=30.0, final_st
     while True:
       steps = (checkpoint_lib.Checkpointer(workdir, read_only=True).all_steps()
                if os.path.isdir(checkpoint_lib.checkpoint_dir(workdir)) else [])
-      todo = [s for s in steps if not set(suites) <= done.get(s, set())]
+      todo = [s for s in steps if not set(suites) <= done.get(s, set()) and s not in damaged]
       for step in todo:
-        evaluate_checkpoint(workdir, step, suites, config=config, done=done, writer=writer,
-                            log=log)
+        try:
+          evaluate_checkpoint(workdir, step, suites, config=config, done=done, writer=writer,
+                              log=log)
+        except DamagedCheckpointError as e:
+          damaged.add(step)
+          log(f"eval: warning: {e}; skipped")
+          continue
         evaluated.append(step)
       if once:
         return evaluated
@@ -128,36 +223,45 @@ def run(workdir, suites, *, config=None, once=False, poll_seconds=30.0, final_st
 def main(argv=None):
   from absl import app, flags
   from ml_collections import config_flags
+  from tfusion import config_cli
 
-  config_flags.DEFINE_config_file("config", None, "config file[:arg] (default: the run's own)")
+  argv = list(sys.argv if argv is None else argv)
+  workdir = config_cli.argv_value(argv, "workdir")
+  stored = None
+  if workdir and config_cli.argv_value(argv, "config") is None:
+    try:  # --config defaults to the run's own, so --config.eval.* overrides stand alone
+      stored = config_cli.load_run_config(workdir)
+    except config_cli.ConfigError as e:
+      config_cli.fail("tfusion-eval", str(e))
+  if stored is not None:
+    config_cli.define_config_dict("tfusion-eval", stored, "config file[:arg] (default: the "
+                                  "run's stored config, W/config.json)", argv)
+  else:
+    config_flags.DEFINE_config_file("config", None, "config file[:arg] (default: the run's own)",
+                                    sys_argv=argv)
   flags.DEFINE_string("workdir", None, "the training run's directory")
   flags.DEFINE_bool("once", False, "evaluate the checkpoints present now, then exit")
   flags.DEFINE_string("suites", None, "comma-separated suites (default config.eval.suites)")
   flags.mark_flags_as_required(["workdir"])
+  config_cli.define_show_flag()
 
   def _run(argv):
     del argv
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.ERROR)
+    from tfusion import logs
     f = flags.FLAGS
+    logs.setup_job_logging(f.workdir, "eval")  # the watcher's decisions, on screen and in W/logs/
     config = f.config
     if config is None:
-      path = os.path.join(f.workdir, "config.json")
-      if not os.path.exists(path):
-        print(f"tfusion-eval: error: no --config and no {path}", file=sys.stderr)
-        sys.exit(2)
-      import ml_collections
-      with open(path, encoding="utf-8") as fh:
-        config = ml_collections.ConfigDict(json.load(fh))
+      config_cli.fail("tfusion-eval", f"no --config and no {os.path.join(f.workdir, 'config.json')}"
+                      " or checkpoint to take the run's config from")
     suites = suites_lib._split(f.suites or config.eval.suites)
     try:
       run(f.workdir, suites, config=config, once=f.once, poll_seconds=config.eval.poll_seconds,
           final_step=config.train.steps)
     except (ValueError, FileNotFoundError) as e:
-      print(f"tfusion-eval: error: {e}", file=sys.stderr)
-      sys.exit(2)
+      config_cli.fail("tfusion-eval", str(e))
 
-  app.run(_run, argv=argv)
+  app.run(_run, argv=argv, flags_parser=config_cli.flags_parser("tfusion-eval"))
 
 
 if __name__ == "__main__":

@@ -5,11 +5,18 @@ extra terms passed as `extra_losses` (e.g. a perceptual or adversarial term: fun
 (params, images, reconstructions) -> scalar). Checkpoints (Orbax) go to `<out>/checkpoints`;
 a rerun resumes. At the end the held-out PSNR is reported, per-channel latent statistics are
 computed on the training images, and the VAE is saved in the loadable (diffusers) format.
+
+Images that cannot be read are skipped, counted and named. The architecture is recorded in
+`<out>/vae_train.json` at the start, so a rerun into an `--out` that holds a VAE of another
+shape stops with one line saying what differs instead of failing inside the restore.
 """
 
 import argparse
+import dataclasses
+import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -21,6 +28,62 @@ import orbax.checkpoint as ocp
 from tfusion import vae as vae_lib
 from tfusion.vae import images as images_lib
 from tfusion.vae.model import AutoencoderKL, VAEConfig
+
+
+TRAIN_FILE = "vae_train.json"  # the architecture a workdir's checkpoints belong to
+
+
+class ShapeMismatchError(ValueError):
+  """The workdir holds a VAE (checkpoints or saved weights) of another architecture."""
+
+
+def _describe(config_dict, keys):
+  return ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in config_dict.items()
+                   if k in keys)
+
+
+def check_workdir(workdir, config: VAEConfig):
+  """Raises ShapeMismatchError when `workdir` holds a VAE of another architecture; else
+  records this one (vae_train.json) so later reruns can be checked."""
+  want = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, as stored
+  for name in (TRAIN_FILE, vae_lib.CONFIG_FILE):
+    path = os.path.join(workdir, name)
+    if not os.path.exists(path):
+      continue
+    with open(path, encoding="utf-8") as f:
+      stored = json.loads(json.dumps(dataclasses.asdict(VAEConfig.from_dict(json.load(f)))))
+    diff = [k for k in want if stored[k] != want[k]]
+    if diff:
+      raise ShapeMismatchError(
+          f"{workdir} holds a VAE with {_describe(stored, diff)}; this run asks for "
+          f"{_describe(want, diff)}. Use another --out, or the same settings to resume")
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, TRAIN_FILE)
+  if not os.path.exists(path):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(want, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def load_images(folder, resolution, log=print, show=3):
+  """Readable images of `folder` -> (float32 [N, R, R, 3], files, unreadable files).
+
+  An unreadable image is skipped, counted and named (the first `show`), not fatal.
+  """
+  images, kept, bad = [], [], []
+  for path in images_lib.list_images(folder):
+    try:
+      images.append(images_lib.load_image(path, resolution))
+      kept.append(path)
+    except images_lib.BadImageError:
+      bad.append(path)
+  if bad:
+    names = ", ".join(os.path.basename(b) for b in bad[:show]) + (", ..." if len(bad) > show
+                                                                  else "")
+    log(f"vae: skipped {len(bad)} unreadable image{'s' * (len(bad) > 1)}: {names}")
+  if not images:
+    raise ValueError(f"no readable images in {folder} ({len(bad)} unreadable)")
+  return np.stack(images), kept, bad
 
 
 def psnr(images, reconstructions):
@@ -48,8 +111,11 @@ def train_vae(images, config: VAEConfig, *, steps=2000, batch_size=32, lr=1e-3, 
   held, train = images[order[:n_held]], images[order[n_held:]]
   model = AutoencoderKL(config)
   params = vae_lib.init_vae(config, seed).params
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, lr, min(100, steps // 10 + 1), steps,
-                                                      lr / 10), weight_decay=0.0)
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1, got {steps}")
+  warmup = min(100, steps // 10 + 1, steps - 1)  # the cosine part needs >= 1 step
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, lr, warmup, steps, lr / 10),
+                   weight_decay=0.0)
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
   def loss_fn(p, x, key):
@@ -71,11 +137,19 @@ def train_vae(images, config: VAEConfig, *, steps=2000, batch_size=32, lr=1e-3, 
   manager = None
   start = 0
   if workdir:
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+    check_workdir(workdir, config)
+    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    manager = ocp.CheckpointManager(ckpt_dir,
                                     options=ocp.CheckpointManagerOptions(max_to_keep=2))
     if manager.latest_step() is not None:
       start = manager.latest_step()
-      state = manager.restore(start, args=ocp.args.StandardRestore(state))
+      try:
+        state = manager.restore(start, args=ocp.args.StandardRestore(state))
+      except Exception as e:  # noqa: BLE001 - Orbax raises many kinds for "does not fit"
+        manager.close()
+        raise ShapeMismatchError(f"{ckpt_dir}/{start} does not restore into this VAE (another "
+                                 f"architecture or a damaged checkpoint: {type(e).__name__}); "
+                                 "use another --out") from None
       log(f"vae: resumed at step {start}")
   history = []
   t0 = time.perf_counter()
@@ -84,7 +158,8 @@ def train_vae(images, config: VAEConfig, *, steps=2000, batch_size=32, lr=1e-3, 
     batch_rng = np.random.default_rng([seed, step])
     x = train[batch_rng.integers(0, len(train), batch_size)]
     state, aux = step_fn(state, x, jax.random.fold_in(jax.random.PRNGKey(seed), step))
-    if (step + 1) % log_every == 0 or step + 1 == steps:
+    # The first step of a run is logged too: it shows compilation is done and the loss.
+    if step == start or (step + 1) % max(log_every, 1) == 0 or step + 1 == steps:
       aux = {k: float(v) for k, v in aux.items()}
       history.append({"step": step + 1, **aux})
       log(f"vae step {step + 1}/{steps} loss {aux['loss']:.4f} l1 {aux['l1']:.4f} "
@@ -102,28 +177,55 @@ def train_vae(images, config: VAEConfig, *, steps=2000, batch_size=32, lr=1e-3, 
   return vae.with_stats(mean, std), report
 
 
+def _latent_note(resolution, block_out_channels, latent_channels):
+  factor = 2 ** (len(block_out_channels.split(",")) - 1)
+  side = resolution // factor
+  return (f"{resolution}px images -> {side}x{side}x{latent_channels} latents "
+          f"({factor}x downsampling: one per block_out_channels entry after the first)")
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--images", required=True, help="folder of training images")
-  parser.add_argument("--out", required=True, help="output VAE directory (diffusers format)")
-  parser.add_argument("--resolution", type=int, default=256)
-  parser.add_argument("--block_out_channels", default="64,128,256,256")
-  parser.add_argument("--layers_per_block", type=int, default=1)
-  parser.add_argument("--latent_channels", type=int, default=8)
-  parser.add_argument("--norm_num_groups", type=int, default=32)
-  parser.add_argument("--steps", type=int, default=20000)
-  parser.add_argument("--batch_size", type=int, default=16)
-  parser.add_argument("--lr", type=float, default=1e-4)
-  parser.add_argument("--kl_weight", type=float, default=1e-6)
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", required=True,
+                      help="output VAE directory (diffusers format); a rerun resumes")
+  parser.add_argument("--resolution", type=int, default=256, help="center-crop size, pixels")
+  parser.add_argument("--block_out_channels", default="64,128,256,256",
+                      help="channels per level; each level after the first halves the size")
+  parser.add_argument("--layers_per_block", type=int, default=1, help="ResNet blocks per level")
+  parser.add_argument("--latent_channels", type=int, default=8, help="channels of a latent")
+  parser.add_argument("--norm_num_groups", type=int, default=32, help="GroupNorm groups")
+  parser.add_argument("--steps", type=int, default=20000, help="training steps")
+  parser.add_argument("--batch_size", type=int, default=16, help="images per step")
+  parser.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
+  parser.add_argument("--kl_weight", type=float, default=1e-6, help="weight of the KL term")
+  parser.add_argument("--log_every", type=int, default=100,
+                      help="steps between log lines (the first step is always logged)")
+  parser.add_argument("--seed", type=int, default=0, help="init, batches and noise")
+  parser.epilog = "With the defaults: " + _latent_note(*(parser.get_default(k) for k in (
+      "resolution", "block_out_channels", "latent_channels"))) + "."
   args = parser.parse_args(argv)
-  images, files = images_lib.load_folder(args.images, args.resolution)
-  print(f"vae: {len(files)} images from {args.images} at {args.resolution}px")
-  config = VAEConfig(block_out_channels=tuple(int(c) for c in args.block_out_channels.split(",")),
-                     layers_per_block=args.layers_per_block, latent_channels=args.latent_channels,
-                     norm_num_groups=args.norm_num_groups)
-  vae, report = train_vae(images, config, steps=args.steps, batch_size=args.batch_size,
-                          lr=args.lr, kl_weight=args.kl_weight, seed=args.seed, workdir=args.out)
+  try:
+    channels = tuple(int(c) for c in args.block_out_channels.split(","))
+  except ValueError:
+    parser.error(f"--block_out_channels {args.block_out_channels!r}: comma-separated integers")
+  config = VAEConfig(block_out_channels=channels, layers_per_block=args.layers_per_block,
+                     latent_channels=args.latent_channels, norm_num_groups=args.norm_num_groups)
+  try:
+    if args.resolution % config.downsample_factor:
+      raise ValueError(f"--resolution {args.resolution} is not divisible by the "
+                       f"{config.downsample_factor}x downsampling of --block_out_channels")
+    check_workdir(args.out, config)  # before loading images: a mistake shows at once
+    images, files, _ = load_images(args.images, args.resolution)
+    print(f"vae: {len(files)} images from {args.images}; "
+          + _latent_note(args.resolution, args.block_out_channels, args.latent_channels))
+    vae, report = train_vae(images, config, steps=args.steps, batch_size=args.batch_size,
+                            lr=args.lr, kl_weight=args.kl_weight, seed=args.seed,
+                            workdir=args.out, log_every=args.log_every)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"tfusion-train-vae: error: {e}", file=sys.stderr)
+    sys.exit(2)
   vae_lib.save_vae(vae, args.out)
   print(f"vae: held-out PSNR {report['heldout_psnr']:.2f} dB on {report['heldout_images']} "
         f"images; saved to {args.out}")
