@@ -1,9 +1,10 @@
 """Training FLOPs per step and device peaks, for the MFU in the train log.
 
-FLOPs per step = B * L * (6 * N_matmul + 12 * layers * L * heads * head_dim), where N_matmul is
+FLOPs per step = 6 * N_matmul * B * L + 12 * layers * heads * head_dim * P, where N_matmul is
 the parameter count without the token embedding table (a lookup, not a matmul) and the second
-term is attention (QK^T and AV, forward 4 * L * H * Dh per token and layer, x3 with the
-backward) counted over the full L x L scores the dense kernel computes. The image encoder and
+term is attention (QK^T and AV, forward 4 * H * Dh per (query, key) pair and layer, x3 with the
+backward) over the P pairs the Transfusion mask allows (B * L^2 when not given). Blocks a
+kernel skips, or computes and masks, never change P: the MFU is model FLOPs. The image encoder and
 decoder are included in N_matmul as if applied per position (exact for the linear layers at
 image positions; an approximation for the U-Net's convolutions).
 """
@@ -39,10 +40,15 @@ def peak_flops(devices):
   return total
 
 
-def train_flops_per_step(config, num_params):
-  """Model FLOPs of one training step (see module docstring)."""
+def train_flops_per_step(config, num_params, attn_pairs=None):
+  """Model FLOPs of one training step (see module docstring).
+
+  attn_pairs: the (query, key) pairs the batch's mask allows, summed over its rows
+  (tfusion.model.attention.allowed_pairs); None counts every pair of the dense L x L scores.
+  """
   m = config.model
   batch, length = config.data.batch_size, config.data.seq_len
   n_matmul = num_params - m.vocab_size * m.d_model
-  attention = 12 * m.num_layers * length * m.num_heads * m.head_dim
-  return batch * length * (6 * n_matmul + attention)
+  if attn_pairs is None:
+    attn_pairs = batch * length * length
+  return 6 * n_matmul * batch * length + 12 * m.num_layers * m.num_heads * m.head_dim * attn_pairs

@@ -46,8 +46,10 @@ def state_shardings(config, mesh):
   model = build_model(config)
   tx, _ = optim.make_optimizer(config.optim)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), *dummy_inputs(config.model))
-  param_shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
   abstract_params = nn.meta.unbox(boxed)
+  # With shapes, a mesh axis that does not divide a dimension falls back to the next rule.
+  param_shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh,
+                                                 shapes=abstract_params)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = NamedSharding(mesh, PartitionSpec())
 

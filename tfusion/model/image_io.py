@@ -124,7 +124,8 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x, temb):  # x [n, H, W, C], temb [n, d]
     h = _conv(self.features, 3, "conv1")(nn.silu(nn.LayerNorm(name="norm1")(x)))
-    h = h + nn.Dense(self.features, name="temb")(nn.silu(temb))[:, None, None, :]
+    h = h + _dense(self.features, ("embed", "conv_out"), jnp.float32, "temb")(
+        nn.silu(temb))[:, None, None, :]
     h = _conv(self.features, 3, "conv2")(nn.silu(nn.LayerNorm(name="norm2")(h)))
     if x.shape[-1] != self.features:
       x = _conv(self.features, 1, "skip")(x)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from tfusion.model import attention as attention_lib
+from tfusion.model import remat as remat_lib
 
 Dtype = Any
 _DENSE_INIT = nn.initializers.normal(stddev=0.02)
@@ -75,7 +76,8 @@ class Attention(nn.Module):
 
   With `cache=None` the queries attend to the keys of the same call (training). With a
   cache {"k", "v": [B, Lc, Hkv, D]} the new keys/values are written at `cache_index` and the
-  queries attend to the whole cache buffer; the mask is then [B, Lq, Lc].
+  queries attend to the whole cache buffer; the mask is then [B, Lq, Lc]. Without a cache
+  `mask` is an `attention.Intervals` (any `implementation`) or a dense bool [B, L, L].
   """
   num_heads: int
   num_kv_heads: int
@@ -84,6 +86,7 @@ class Attention(nn.Module):
   qk_norm: bool = False
   norm_eps: float = 1e-5
   implementation: str = "dense"
+  block_size: int = attention_lib.DEFAULT_BLOCK  # query/key block of the blocked kernels
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -91,9 +94,11 @@ class Attention(nn.Module):
     d_model = x.shape[-1]
     proj = lambda heads, names, name: Projection(
         (d_model, heads, self.head_dim), names, "bld,dhk->blhk", self.dtype, name=name)(x)
-    q = proj(self.num_heads, ("embed", "heads", "head_dim"), "q")
-    k = proj(self.num_kv_heads, ("embed", "kv_heads", "head_dim"), "k")
-    v = proj(self.num_kv_heads, ("embed", "kv_heads", "head_dim"), "v")
+    # Names for the remat policies (tfusion/model/remat.py); identity outside jax.checkpoint.
+    name = remat_lib.checkpoint_name
+    q = name(proj(self.num_heads, ("embed", "heads", "head_dim"), "q"), "q_proj")
+    k = name(proj(self.num_kv_heads, ("embed", "kv_heads", "head_dim"), "k"), "k_proj")
+    v = name(proj(self.num_kv_heads, ("embed", "kv_heads", "head_dim"), "v"), "v_proj")
     if self.qk_norm:
       q = RMSNorm(self.norm_eps, self.dtype, "head_dim", name="q_norm")(q)
       k = RMSNorm(self.norm_eps, self.dtype, "head_dim", name="k_norm")(k)
@@ -106,7 +111,9 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
       new_cache = {"k": k, "v": v}
       k, v = k.astype(self.dtype), v.astype(self.dtype)
-    out = attention_lib.dot_product_attention(q, k, v, mask, implementation=self.implementation)
+    out = attention_lib.dot_product_attention(q, k, v, mask, implementation=self.implementation,
+                                              block_q=self.block_size, block_k=self.block_size)
+    out = name(out, remat_lib.ATTN_CONTEXT)
     out = Projection((self.num_heads, self.head_dim, d_model), ("heads", "head_dim", "embed"),
                      "blhk,hkd->bld", self.dtype, name="o")(out)
     return out, new_cache
@@ -140,6 +147,7 @@ class Block(nn.Module):
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
         implementation=cfg.attention_impl, dtype=dtype, name="attn",
+        block_size=cfg.get("attention_block", attention_lib.DEFAULT_BLOCK),
     )(RMSNorm(cfg.norm_eps, dtype, "embed", name="attn_norm")(x), positions, mask,
       layer_cache, cache_index)
     x = x + attn_out
@@ -148,17 +156,10 @@ class Block(nn.Module):
     return x, new_cache
 
 
-_REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-
 class Trunk(nn.Module):
   """`num_layers` blocks scanned over a leading 'layers' parameter axis.
 
-  __call__(x [B, L, d], positions [B, L], mask [B, L, Lk], cache, cache_index)
+  __call__(x [B, L, d], positions [B, L], mask (Intervals, or bool [B, L, Lk]), cache, cache_index)
     -> (h [B, L, d], new cache or None). The cache is {"k", "v": [layers, B, Lc, Hkv, D]}.
   """
   config: Any
@@ -166,11 +167,10 @@ class Trunk(nn.Module):
   @nn.compact
   def __call__(self, x, positions, mask, cache=None, cache_index=None):
     cfg = self.config
-    if cfg.remat not in _REMAT_POLICIES:
-      raise ValueError(f"config.model.remat must be one of {list(_REMAT_POLICIES)}, got {cfg.remat!r}")
+    policy = remat_lib.policy(cfg.remat)
     block = Block
     if cfg.remat != "none":
-      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+      block = nn.remat(Block, policy=policy, prevent_cse=False)
     scanned = nn.scan(
         block,
         variable_axes={"params": 0},
