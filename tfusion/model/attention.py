@@ -8,14 +8,35 @@ with horizon[q] = q for text and the last position of q's own image for an image
 (bidirectional inside an image). With intra_image="causal" the horizon of a patch is the
 patch itself (the paper's ablation). `attention_mask` is the one reference definition; any
 faster kernel must agree with it.
+
+Kernels never take that dense mask: the model hands them `Intervals`
+(tfusion/model/attention_intervals.py: segment_ids + horizons, plus per-query and per-key
+interval bounds used to skip fully masked blocks). `dot_product_attention` dispatches on
+`config.model.attention_impl`:
+  dense       the reference (fp32 [B, H, L, L] scores; builds the mask from the intervals);
+  chunked     plain XLA, query/key-blocked online softmax with a recomputing custom VJP,
+              O(L * block) memory on any backend (attention_chunked.py);
+  pallas_tpu  Pallas TPU flash kernel with scalar-prefetched block ranges (attention_pallas_tpu.py);
+  auto        pallas_tpu on TPU when the shape fits it, chunked otherwise;
+  jax         deprecated alias of auto (jax.nn.dot_product_attention with an arbitrary mask
+              ran the dense XLA path; it never picked cuDNN for this mask).
+A dense bool mask (the KV-cache decode path: query rows [B, q_len, Lc]) always runs the
+dense reference.
 """
+
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 
+from tfusion.model import attention_intervals as iv_lib
 from tfusion.model import layout
 
 INTRA_IMAGE_CHOICES = ("bidirectional", "causal")
+IMPLEMENTATIONS = ("dense", "chunked", "pallas_tpu", "auto", "jax")
+DEFAULT_BLOCK = 512
+Intervals = iv_lib.Intervals
 
 
 def horizons(image_index, *, intra_image="bidirectional"):
@@ -83,26 +104,108 @@ def query_rows_mask(segment_ids, image_index, q_start, q_len, *, intra_image="bi
   return mask_from_horizons(q_seg, q_hor, segment_ids)
 
 
-def dot_product_attention(q, k, v, mask, *, implementation="dense"):
+def intervals(segment_ids, image_index, *, intra_image="bidirectional"):
+  """The mask of `attention_mask` as `Intervals` (what the model passes to attention).
+
+  Args:
+    segment_ids, image_index: int [B, L] per the batch contract.
+    intra_image: "bidirectional" (paper) or "causal" (ablation).
+  Returns:
+    attention_intervals.Intervals, fields int32 [B, L].
+  """
+  hor = horizons(image_index, intra_image=intra_image)
+  if intra_image == "causal":
+    first_viewer = jnp.broadcast_to(
+        jnp.arange(image_index.shape[1], dtype=jnp.int32)[None], image_index.shape)
+  else:
+    first_viewer = layout.span_starts(image_index)  # the whole image sees each patch
+  return iv_lib.build(segment_ids, hor, first_viewer)
+
+
+def dense_mask(iv):
+  """Intervals -> the reference bool mask [B, L, L] (same as `attention_mask`)."""
+  return mask_from_horizons(iv.segment_ids, iv.horizons, iv.segment_ids)
+
+
+def allowed_pairs(segment_ids, image_index, *, intra_image="bidirectional"):
+  """Number of (query, key) pairs the mask allows, int32 [B] (exact for contract rows).
+
+  Model FLOPs of attention per layer and forward pass: 4 * heads * head_dim * pairs
+  (QK^T and PV); a training step (forward + backward) is 3x that.
+  """
+  return iv_lib.allowed_pairs(intervals(segment_ids, image_index, intra_image=intra_image))
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message):
+  logging.warning(message)
+
+
+def resolve_implementation(implementation, *, head_dim=None, backend=None):
+  """The kernel `implementation` runs as on `backend` (default: jax's default backend).
+
+  Raises ValueError naming config.model.attention_impl for unknown names; a kernel that does
+  not support the backend or shape falls back to chunked with a one-line warning.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"config.model.attention_impl must be one of {IMPLEMENTATIONS}, "
+                     f"got {implementation!r}")
+  backend = backend or jax.default_backend()
+  if implementation == "jax":
+    _warn_once("config.model.attention_impl='jax' is deprecated (jax.nn.dot_product_attention "
+               "ran dense XLA attention for this mask); using 'auto'")
+    implementation = "auto"
+  if implementation == "auto":
+    implementation = "pallas_tpu" if backend == "tpu" else "chunked"
+    if implementation == "pallas_tpu" and head_dim is not None and head_dim % 128:
+      implementation = "chunked"  # the TPU kernel wants lane-aligned heads; no warning for auto
+  if implementation == "pallas_tpu" and backend != "tpu":
+    raise ValueError(f"config.model.attention_impl='pallas_tpu' needs a TPU backend (got "
+                     f"{backend!r}); use 'chunked' or 'auto'")
+  return implementation
+
+
+def dot_product_attention(q, k, v, mask, *, implementation="dense", block_q=DEFAULT_BLOCK,
+                          block_k=DEFAULT_BLOCK):
   """Multi-head attention with grouped key/value heads.
 
   Args:
     q: [B, Lq, H, D] queries.
     k, v: [B, Lk, Hkv, D] keys and values; H must be a multiple of Hkv.
-    mask: bool [B, Lq, Lk], True where attention is allowed.
-    implementation: "dense" (reference einsum, softmax in float32) or "jax"
-      (`jax.nn.dot_product_attention`, which picks cuDNN on GPUs when it can).
+    mask: `Intervals` of the rows (self-attention, Lq == Lk), or a dense bool mask
+      [B, Lq, Lk] (True where allowed; always computed by the dense reference).
+    implementation: see the module docstring (config.model.attention_impl).
+    block_q, block_k: query / key block sizes of the chunked and Pallas kernels.
   Returns:
-    [B, Lq, H, D] in q's dtype. Queries with no allowed key (padding) get finite garbage.
+    [B, Lq, H, D] in q's dtype. Queries with no allowed key (padding) get finite garbage
+    (dense) or 0 (blocked kernels).
   """
-  batch, q_len, heads, head_dim = q.shape
+  heads, head_dim = q.shape[2:]
   kv_heads = k.shape[2]
   if heads % kv_heads:
     raise ValueError(f"num_heads={heads} is not a multiple of num_kv_heads={kv_heads}")
-  if implementation == "jax":
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
-  if implementation != "dense":
-    raise ValueError(f"unknown attention implementation {implementation!r} (dense | jax)")
+  implementation = resolve_implementation(implementation, head_dim=head_dim)
+  if not isinstance(mask, Intervals):
+    if implementation != "dense" and q.shape[1] == k.shape[1] and q.shape[1] > 1:
+      _warn_once(f"attention_impl={implementation!r} got a dense [B, L, L] mask: running the "
+                 "dense reference; pass attention.intervals(...) instead")
+    return _dense(q, k, v, mask)
+  if q.shape[1] != mask.length or k.shape[1] != mask.length:
+    raise ValueError(f"Intervals of length {mask.length} need self-attention inputs, got "
+                     f"q {q.shape}, k {k.shape}")
+  if implementation == "dense":
+    return _dense(q, k, v, dense_mask(mask))
+  if implementation == "chunked":
+    from tfusion.model import attention_chunked  # pylint: disable=g-import-not-at-top
+    return attention_chunked.chunked_attention(q, k, v, mask, block_q=block_q, block_k=block_k)
+  from tfusion.model import attention_pallas_tpu  # pylint: disable=g-import-not-at-top
+  return attention_pallas_tpu.flash_attention(q, k, v, mask, block_q=block_q, block_k=block_k)
+
+
+def _dense(q, k, v, mask):
+  """The reference: einsum, fp32 softmax over a bool mask [B, Lq, Lk]."""
+  batch, q_len, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
   groups = heads // kv_heads
   qg = q.reshape(batch, q_len, kv_heads, groups, head_dim)
   scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)

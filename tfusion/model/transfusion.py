@@ -5,7 +5,8 @@ Inputs follow the batch contract (DESIGN.md). The forward pass:
      timestep embedding added);
   2. patch vectors are placed at the positions `image_index` marks; text positions take token
      embeddings;
-  3. the trunk runs with the Transfusion mask (tfusion/model/attention.py);
+  3. the trunk runs with the Transfusion mask (tfusion/model/attention.py), handed to the
+     attention kernels as `attention.Intervals` (never a dense [B, L, L] mask);
   4. text logits at every position; the hidden states of each image's span are gathered back
      per slot and decoded to a prediction [B, M, h, w, c] (epsilon or velocity).
 The pieces are separate methods so that generation can run them with a KV cache.
@@ -109,7 +110,11 @@ class Transfusion(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
   def run_trunk(self, x, positions, mask, cache=None, cache_index=None):
-    """x [B, Lq, d], positions [B, Lq], mask [B, Lq, Lk] -> (normed hidden [B, Lq, d], cache)."""
+    """x [B, Lq, d], positions [B, Lq], mask -> (normed hidden [B, Lq, d], cache).
+
+    `mask`: `attention.Intervals` of the rows (training, no cache), or a dense bool
+    [B, Lq, Lk] (KV-cache decoding: `attention.query_rows_mask`, run by the dense kernel).
+    """
     h, new_cache = self.trunk(x, positions, mask, cache, cache_index)
     return self.final_norm(h), new_cache
 
@@ -133,7 +138,7 @@ class Transfusion(nn.Module):
     Documents packed in a row do not see each other (segment_ids); used by text evaluation.
     """
     x = nn.with_logical_constraint(self.embedding(tokens), ("batch", "length", "embed"))
-    mask = attention_lib.attention_mask(segment_ids, jnp.full_like(segment_ids, -1))
+    mask = attention_lib.intervals(segment_ids, jnp.full_like(segment_ids, -1))
     h, _ = self.run_trunk(x, positions, mask)
     return self.text_logits(h)
 
@@ -149,7 +154,6 @@ class Transfusion(nn.Module):
     """
     vectors, aux = self.encode_images(noisy_latents, image_time)
     x = self.embed(tokens, image_index, vectors)
-    mask = attention_lib.attention_mask(segment_ids, image_index,
-                                        intra_image=self.config.intra_image)
+    mask = attention_lib.intervals(segment_ids, image_index, intra_image=self.config.intra_image)
     h, _ = self.run_trunk(x, positions, mask)
     return self.text_logits(h), self.predict_images(h, image_index, aux)
