@@ -88,15 +88,22 @@ class EvalContext:
     sampler, steps = image_lib.resolve_sampler(e.sampler or None, self.config.diffusion.objective,
                                                e.steps or None,
                                                self.config.diffusion.num_train_steps, None)
+    # DDPM clean-estimate bound and step spacing: config.eval's, else config.diffusion's.
+    sampling = {"x0_threshold": e.get("x0_threshold") or None,
+                "clip_x0": e.get("clip_x0") or None,
+                "threshold_percentile": e.get("threshold_percentile") or None,
+                "timestep_spacing": e.get("timestep_spacing") or None}
+    objective = image_lib.sampling_objective(self.config, sampling, where="config.eval.")
     self.settings.update(sampler=sampler, steps=steps, guidance_scale=e.guidance_scale,
-                         num_samples=len(captions))
+                         num_samples=len(captions), **objective.sampling_settings())
     ids = [self.tokenizer.encode(c) for c in captions]
     latents = []
     for start in range(0, len(ids), e.batch_size):
       chunk = ids[start:start + e.batch_size]
       keys = engine.sample_keys(e.seed, len(chunk), start=start)
       latents.append(np.asarray(self.generator.text_to_image(
-          chunk, keys, sampler=sampler, steps=steps, guidance_scale=e.guidance_scale)))
+          chunk, keys, sampler=sampler, steps=steps, guidance_scale=e.guidance_scale,
+          sampling=sampling)))
     return output.decode_latents(self.vae, np.concatenate(latents))
 
   @functools.cached_property

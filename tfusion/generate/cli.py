@@ -8,6 +8,8 @@
 
 The newest checkpoint is used unless --step names one. The tokenizer and the VAE come from
 --tokenizer / --vae, or from the run's config (config.data.tokenizer, config.vae.path).
+DDPM models sample with config.diffusion's clean-estimate bound and step spacing unless
+--x0_threshold / --clip_x0 / --threshold_percentile / --timestep_spacing say otherwise.
 Everything is checked (prompt lengths, sampler, image layers, files) before the model runs.
 """
 
@@ -38,7 +40,16 @@ def parse_args(argv):
   p.add_argument("--cfg", type=float, default=1.0,
                  help="classifier-free guidance scale (1: none; the paper uses 3 and 5)")
   p.add_argument("--clip_x0", type=float, default=None,
-                 help="ddpm/ddim: clip the clean-latent estimate to [-C, C] at each step")
+                 help="ddpm/ddim: bound C on the clean-latent estimate at each step "
+                 "(default config.diffusion.clip_x0)")
+  p.add_argument("--x0_threshold", default=None,
+                 help="ddpm/ddim: none | static (clip at C) | dynamic (Imagen percentile, "
+                 "floor C) (default config.diffusion.x0_threshold)")
+  p.add_argument("--threshold_percentile", type=float, default=None,
+                 help="ddpm/ddim, dynamic thresholding: percentile of |x0| per sample")
+  p.add_argument("--timestep_spacing", default=None,
+                 help="ddpm/ddim: linspace | leading | trailing (default "
+                 "config.diffusion.timestep_spacing)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the paper)")
   p.add_argument("--top_p", type=float, default=1.0)
@@ -65,6 +76,12 @@ def parse_args(argv):
   if args.out and makes_images and not args.out.lower().endswith(".png"):
     p.error(f"--out {args.out!r}: images are written as a .png grid")
   return args
+
+
+def sampling_overrides(args):
+  """The DDPM sampler settings given as flags (None: config.diffusion's)."""
+  return {"x0_threshold": args.x0_threshold, "threshold_percentile": args.threshold_percentile,
+          "timestep_spacing": args.timestep_spacing}
 
 
 def _config_path(config, block, key):
@@ -128,10 +145,13 @@ def run(args):
     args.sampler, args.steps = image_lib.resolve_sampler(
         args.sampler, config.diffusion.objective, args.steps, config.diffusion.num_train_steps,
         args.clip_x0)
+    sampling = sampling_overrides(args)
     if args.interleaved:
-      gen.check_interleaved(prompts, args.num_images, args.sampler, args.steps, args.clip_x0)
+      gen.check_interleaved(prompts, args.num_images, args.sampler, args.steps, args.clip_x0,
+                            sampling)
     else:
-      gen.check_text_to_image(prompts, args.sampler, args.steps, args.clip_x0)
+      gen.check_text_to_image(prompts, args.sampler, args.steps, args.clip_x0, sampling)
+    wrote["settings"] = gen.sampling_settings(args.sampler, args.steps, args.clip_x0, sampling)
   needs_vae = args.caption is not None or (not args.text and (args.out or args.images_dir))
   vae = _load_vae(_vae_path(args, config), config) if needs_vae else None
   # Every prompt --num times, one seeded key per row (all modes but --caption).
@@ -181,7 +201,7 @@ def run(args):
                               num_images=args.num_images, max_text_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p,
                               sampler=args.sampler, steps=args.steps, guidance_scale=args.cfg,
-                              clip_x0=args.clip_x0)
+                              clip_x0=args.clip_x0, sampling=sampling_overrides(args))
     latents, labels = [], []
     for i, doc in enumerate(docs):
       pieces = [args.prompt[i // args.num]]
@@ -201,13 +221,16 @@ def run(args):
     for rows in _batches(len(rows_prompts), args.batch_size):
       latents.append(np.asarray(gen.text_to_image(
           [rows_prompts[i] for i in rows], row_keys[rows.start:rows.stop], sampler=args.sampler,
-          steps=args.steps, guidance_scale=args.cfg, clip_x0=args.clip_x0)))
+          steps=args.steps, guidance_scale=args.cfg, clip_x0=args.clip_x0,
+          sampling=sampling_overrides(args))))
     latents = np.concatenate(latents)
     docs = [[("image", x)] for x in latents]
     labels = [args.prompt[i // args.num] for i in range(len(latents))]
     _write_images(args, vae, gen, latents, labels, docs, wrote)
+    extra = "".join(f", {k} {v}" for k, v in wrote["settings"].items()
+                    if k not in ("sampler", "steps"))
     print(f"{len(latents)} images ({len(prompts)} prompts x {args.num}), sampler {args.sampler} "
-          f"{args.steps} steps, cfg {args.cfg}", flush=True)
+          f"{args.steps} steps, cfg {args.cfg}{extra}", flush=True)
   print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
   return wrote
 
@@ -260,6 +283,8 @@ def _write_images(args, vae, gen, latents, labels, docs, wrote):
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  from tfusion import logs
+  logs.setup_console()
   try:
     run(args)
   except USAGE_ERRORS as e:

@@ -215,7 +215,7 @@ class Generator:
     return result, out["ctx"], out["logits"]
 
   def sample_image(self, ctx, keys, *, active=None, sampler=None, steps=None,
-                   guidance_scale=1.0, uncond_prompt=None, clip_x0=None):
+                   guidance_scale=1.0, uncond_prompt=None, clip_x0=None, sampling=None):
     """Draws an image per row at the context's cursor (the slot after <boi>).
 
     Args:
@@ -224,21 +224,35 @@ class Generator:
       sampler: ddpm | ddim | euler | heun (default: the objective's); steps: default per sampler.
       guidance_scale: classifier-free guidance (1 = none, the paper uses 3 and 5).
       uncond_prompt: the unconditional context (default <bos> <boi>).
-      clip_x0: DDPM/DDIM only, bound on the clean estimate (see CosineDDPM.step); None: off.
+      clip_x0: DDPM/DDIM only, bound on the clean estimate (see CosineDDPM.step); None:
+        config.diffusion's (a bound turns static clipping on if the config has it off).
+      sampling: DDPM/DDIM only, overrides of config.diffusion's sampler settings
+        {x0_threshold, clip_x0, threshold_percentile, timestep_spacing} (None values: keep).
     Returns:
       float32 latents [B, h, w, c].
     """
     check_image_layers(self.params, self.config)
-    name, steps = self._resolve(sampler, steps, clip_x0)
+    name, steps, objective = self._resolve(sampler, steps, clip_x0, sampling)
     guided = float(guidance_scale) != 1.0
     return self._draw(ctx, keys, active, name, steps, float(guidance_scale), guided, uncond_prompt,
-                      clip_x0)
+                      objective=objective)
 
-  def _resolve(self, sampler, steps, clip_x0):
-    return image_lib.resolve_sampler(sampler, self._objective_name(), steps,
-                                     self.config.diffusion.num_train_steps, clip_x0)
+  def _resolve(self, sampler, steps, clip_x0, sampling=None):
+    """Checks the sampler settings -> (sampler, steps, objective carrying the settings)."""
+    name, steps = image_lib.resolve_sampler(sampler, self._objective_name(), steps,
+                                            self.config.diffusion.num_train_steps, clip_x0)
+    overrides = dict(sampling or {})
+    if clip_x0 is not None:
+      overrides["clip_x0"] = clip_x0
+    return name, steps, image_lib.sampling_objective(self.config, overrides)
 
-  def _draw(self, ctx, keys, active, sampler, steps, scale, guided, uncond_prompt, clip_x0=None):
+  def sampling_settings(self, sampler=None, steps=None, clip_x0=None, sampling=None):
+    """What a draw with these arguments uses: {sampler, steps, and the DDPM settings}."""
+    name, steps, objective = self._resolve(sampler, steps, clip_x0, sampling)
+    return {"sampler": name, "steps": steps, **objective.sampling_settings()}
+
+  def _draw(self, ctx, keys, active, sampler, steps, scale, guided, uncond_prompt, clip_x0=None,
+            objective=None):
     b = ctx.batch_size
     if self.num_patches > self.room(ctx):
       raise ValueError(f"an image needs {self.num_patches} slots; the context has "
@@ -253,12 +267,14 @@ class Generator:
       uctx = self.new_context(b)._replace(cursor=jnp.int32(cursor - len(uncond)))
       uctx, _ = self.append_tokens(uctx, np.tile(np.asarray(uncond, np.int32), (b, 1)))
       ctx = context_lib.concat_contexts(ctx, uctx)
-    times = jnp.asarray(self.objective.sampling_times(steps))
+    if objective is None:
+      objective = image_lib.sampling_objective(self.config, {"clip_x0": clip_x0})
+    times = jnp.asarray(objective.sampling_times(steps))
     fn = self._jit("sample", image_lib.sample,
                    static=("objective", "sampler", "guided", "latent_shape", "clip_x0"))
     return fn(self.params, ctx, jnp.asarray(keys), active, times, jnp.float32(scale),
-              objective=self.objective, sampler=sampler, guided=guided,
-              latent_shape=self.latent_shape, clip_x0=None if clip_x0 is None else float(clip_x0))
+              objective=objective, sampler=sampler, guided=guided,
+              latent_shape=self.latent_shape, clip_x0=None)
 
   def append_image(self, ctx, latents, active=None):
     """Writes clean latents [B, h, w, c] and <eoi>. -> (ctx, logits [B, V] after <eoi>)."""
@@ -289,23 +305,23 @@ class Generator:
   # ------------------------------------------------------------------ tasks
 
   def text_to_image(self, prompts, keys, *, sampler=None, steps=None, guidance_scale=1.0,
-                    clip_x0=None):
+                    clip_x0=None, sampling=None):
     """One image per prompt: <bos> prompt <boi> -> latents [B, h, w, c].
 
     Args:
       prompts: B sequences of text token ids (without <bos>/<boi>).
       keys: [B, 2] per-sample keys (`sample_keys`).
     """
-    self.check_text_to_image(prompts, sampler, steps, clip_x0)
+    self.check_text_to_image(prompts, sampler, steps, clip_x0, sampling)
     s = self.special
     ctx, _ = self.prefill([[s.bos, *p, s.boi] for p in prompts], reserve=self.num_patches + 1)
     return self.sample_image(ctx, keys, sampler=sampler, steps=steps,
-                             guidance_scale=guidance_scale, clip_x0=clip_x0)
+                             guidance_scale=guidance_scale, clip_x0=clip_x0, sampling=sampling)
 
-  def check_text_to_image(self, prompts, sampler=None, steps=None, clip_x0=None):
+  def check_text_to_image(self, prompts, sampler=None, steps=None, clip_x0=None, sampling=None):
     """The checks of `text_to_image` (ValueError), without running anything."""
     check_image_layers(self.params, self.config)
-    self._resolve(sampler, steps, clip_x0)
+    self._resolve(sampler, steps, clip_x0, sampling)
     self._check_lengths(prompts, extra=3 + self.num_patches, what="with <bos>, <boi>, the "
                         f"image's {self.num_patches} patches and <eoi>")
 
@@ -331,7 +347,8 @@ class Generator:
     return result
 
   def interleaved(self, prompts, keys, *, num_images=1, max_text_tokens=32, temperature=0.0,
-                  top_p=1.0, sampler=None, steps=None, guidance_scale=1.0, clip_x0=None):
+                  top_p=1.0, sampler=None, steps=None, guidance_scale=1.0, clip_x0=None,
+                  sampling=None):
     """text -> <boi> image <eoi> -> text ..., each image conditioned on all before it.
 
     A text segment ends at <boi>, <eos> or after `max_text_tokens`; while a row has images
@@ -345,7 +362,7 @@ class Generator:
     Returns:
       per row, a list of ("text", ids) and ("image", latents [h, w, c]) segments.
     """
-    self.check_interleaved(prompts, num_images, sampler, steps, clip_x0)
+    self.check_interleaved(prompts, num_images, sampler, steps, clip_x0, sampling)
     s, n = self.special, self.num_patches
     need = 1 + (n + 2 if num_images else 0)
     b = len(prompts)
@@ -372,20 +389,22 @@ class Generator:
         ctx, _ = self.append_tokens(ctx, np.full((b, 1), s.boi, np.int32), force_boi[:, None])
       drawing = ~done
       latents = self.sample_image(ctx, _fold(keys, 2 * k + 1), active=drawing, sampler=sampler,
-                                  steps=steps, guidance_scale=guidance_scale, clip_x0=clip_x0)
+                                  steps=steps, guidance_scale=guidance_scale, clip_x0=clip_x0,
+                                  sampling=sampling)
       ctx, logits = self.append_image(ctx, latents, active=drawing)
       latents = np.asarray(latents)
       for i in np.flatnonzero(drawing):
         out[i].append(("image", latents[i]))
     return out
 
-  def check_interleaved(self, prompts, num_images, sampler=None, steps=None, clip_x0=None):
+  def check_interleaved(self, prompts, num_images, sampler=None, steps=None, clip_x0=None,
+                        sampling=None):
     """The checks of `interleaved` (ValueError), without running anything."""
     if num_images < 0:
       raise ValueError(f"num_images must be >= 0, got {num_images}")
     if num_images:
       check_image_layers(self.params, self.config)
-      self._resolve(sampler, steps, clip_x0)
+      self._resolve(sampler, steps, clip_x0, sampling)
     n = self.num_patches
     self._check_lengths(prompts, extra=1 + (n + 2 if num_images else 0), what="with <bos>" + (
         f" and room for one image (<boi>, {n} patches, <eoi>)" if num_images else ""))

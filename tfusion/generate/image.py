@@ -6,6 +6,10 @@ and B unconditional ones (the same documents without their text, i.e. <bos> <boi
 prediction is  cond + (scale - 1) * (cond - uncond)  (= uncond + scale * (cond - uncond));
 written this way scale 1 returns the conditional prediction exactly.
 
+DDPM/DDIM bound the clean estimate and pick their steps as the objective says
+(config.diffusion, overridden per call by `sampling_objective`): unbounded, a trained model's
+small error at the noisiest step blows the latents up.
+
 Noise is per sample: sample i starts from normal(fold_in(key_i, 0)) and step s draws
 normal(fold_in(key_i, s + 1)), so an image does not depend on the batch it was drawn in.
 """
@@ -16,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from tfusion import diffusion
 from tfusion.generate import context as context_lib
 
 
@@ -64,6 +69,31 @@ def resolve_sampler(name, objective_name, steps, num_train_steps=None, clip_x0=N
   return name, steps
 
 
+def sampling_objective(config, overrides=None, where="--"):
+  """The run's objective (config.diffusion) with DDPM sampler settings overridden.
+
+  overrides: {x0_threshold, clip_x0, threshold_percentile, timestep_spacing: value or None}
+  (None keeps config.diffusion's). A bound given while thresholding is off turns static
+  clipping on. Errors name the setting as `where + key` (`--clip_x0`, `config.eval.clip_x0`).
+  """
+  objective = diffusion.from_config(config)
+  overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+  unknown = sorted(set(overrides) - set(diffusion.SAMPLING_KEYS))
+  if unknown:
+    raise ValueError(f"unknown sampler settings {unknown}; known: {list(diffusion.SAMPLING_KEYS)}")
+  if not overrides:
+    return objective
+  if not isinstance(objective, diffusion.CosineDDPM):
+    raise ValueError(f"{where}{next(iter(overrides))} is a setting of the ddpm and ddim samplers; "
+                     f"the model was trained with config.diffusion.objective="
+                     f"{config.diffusion.objective!r}")
+  diffusion.check_sampling(overrides, where)
+  if "clip_x0" in overrides and "x0_threshold" not in overrides \
+      and objective.x0_threshold == "none":
+    overrides["x0_threshold"] = "static"
+  return dataclasses.replace(objective, **overrides)
+
+
 def initial_noise(keys, shape):
   """Per-sample starting noise: keys [B, 2] -> float32 [B, *shape]."""
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
@@ -82,7 +112,8 @@ def guide(cond, uncond, scale):
 def sampler_update(objective, sampler, x, prediction, t, t_next, noise, predict_fn, clip_x0=None):
   """One step of `sampler` from t to t_next; `predict_fn(x, t)` is needed by Heun only.
 
-  clip_x0 (DDPM/DDIM only): bound on the clean estimate, see `CosineDDPM.step`.
+  clip_x0 (DDPM/DDIM only): overrides the objective's bound on the clean estimate (the
+  objective carries its thresholding and spacing, see `sampling_objective`, `CosineDDPM.step`).
   """
   if sampler in ("ddpm", "ddim"):
     return objective.step(x, prediction, t, t_next, noise, eta=SAMPLERS[sampler].eta,
