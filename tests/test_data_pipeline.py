@@ -162,6 +162,32 @@ def _text_doc_markers(batches, bos):
   return out
 
 
+def _record_order(config, tok, epochs=2):
+  """Record numbers (marker - 100) in the order the text source hands documents to the packer."""
+  _, _, datasets, _, _ = pipeline.build_sources(config, tokenizer=tok)
+  return [int(datasets[0][i].tokens[1]) - 100 for i in range(epochs * len(TOPICS))]
+
+
+def test_records_are_shuffled_per_epoch_and_per_seed(data):
+  n = len(TOPICS)
+  config = make_config(data, text=data["ids"], image_caption="")
+  order = _record_order(config, data["tok"])
+  first, second = order[:n], order[n:]
+  assert sorted(first) == sorted(second) == list(range(n)), "each epoch reads every record once"
+  assert first != list(range(n)), "not shuffled"
+  assert first != second, "the same order every epoch"
+  # The order is a function of the seed.
+  assert _record_order(make_config(data, text=data["ids"], image_caption=""), data["tok"]) == order
+  other = make_config(data, text=data["ids"], image_caption="")
+  other.seed = 1
+  other_order = _record_order(other, data["tok"])
+  assert other_order[:n] != first and other_order[n:] != second
+  # ...and batches follow it: the documents packed first are the first records read.
+  batches = take(pipeline.make_iterator(config), 3)
+  packed = _text_doc_markers(batches, data["tok"].bos_id)
+  assert len(packed) > 4 and {m - 100 for m in packed} <= set(first[:len(packed) + 8])
+
+
 @pytest.mark.parametrize("processes", [2, 3])
 def test_process_shares_are_disjoint_and_cover_each_epoch(data, processes):
   config = make_config(data, text=data["ids"], num_epochs=1, batch_size=6)

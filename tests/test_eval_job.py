@@ -28,10 +28,13 @@ def run_dir(tmp_path_factory):
   vae_lib.save_vae(vae, str(root / "vae"))  # 2x down: 8x8 images <-> 4x4x4 latents
   (root / "prompts.txt").write_text("a red square\ntwo small circles\nthe number seven\n")
   (root / "held.txt").write_text("\n\n".join(t for _, t in samples.pydoc_topics()[:3]))
+  # A task whose answers hold for any model: the gold choice is a prefix of the other, whose
+  # extra tokens can only lower the (unnormalized) log-likelihood. acc must be 1.
   (root / "task.jsonl").write_text("\n".join(json.dumps(x) for x in [
-      {"context": "Question: what is help?\nAnswer:", "choices": [" a function", " a cat"],
-       "gold": 0},
-      {"contexts": ["The loop", "The cat"], "continuation": " ends with break.", "gold": 0}]))
+      {"context": "Question: what is help?\nAnswer:",
+       "choices": [" a function", " a function that prints the manual of a module"], "gold": 0},
+      {"context": "The loop", "choices": [" ends with break and then the next line runs",
+                                          " ends with break"], "gold": 1}]))
   rng = np.random.default_rng(0)
   records.write_records(str(root / "captions.array_record"), [
       records.image_caption_record(rng.standard_normal((4, 4, 4)).astype(np.float32),
@@ -59,6 +62,26 @@ def run_dir(tmp_path_factory):
   return workdir, config
 
 
+def _expected_caption_scores(workdir, config, step):
+  """CIDEr-D and BLEU-4 of the checkpoint's greedy captions of the two held-out images (each
+  id's first latent, its two captions as references), computed here from the parts."""
+  from tfusion import checkpoint
+  from tfusion.data import tokenizer as tokenizer_lib
+  from tfusion.evaluate import caption_metrics
+  from tfusion.generate import engine
+  recs = records.read_records(os.path.join(os.path.dirname(workdir), "captions.array_record"))
+  latents = np.stack([recs[0]["latent"], recs[2]["latent"]]).astype(np.float32)
+  references = [["a red square", "a square, red"], ["two circles", "circles"]]
+  tok = tokenizer_lib.load_tokenizer(config.data.tokenizer)
+  params, _, _ = checkpoint.restore_params(workdir, step=step)
+  gen = engine.Generator(config, params, engine.SpecialTokens.from_tokenizer(tok))
+  ids = gen.caption(latents, engine.sample_keys(config.eval.seed, 2),
+                    max_new_tokens=config.eval.caption_max_tokens)
+  candidates = [tok.decode(i) for i in ids]
+  return {"cider": caption_metrics.cider_d(candidates, references)[0],
+          "bleu4": caption_metrics.bleu(candidates, references)}
+
+
 def test_every_suite_runs_once_per_checkpoint(run_dir):
   workdir, config = run_dir
   suites = ["clip", "caption", "ppl", "mc"]
@@ -67,11 +90,14 @@ def test_every_suite_runs_once_per_checkpoint(run_dir):
   assert sorted((r["step"], r["suite"]) for r in lines) == sorted(
       (s, n) for s in (2, 4) for n in suites)
   by = {(r["step"], r["suite"]): r for r in lines}
-  assert 0 <= by[(4, "clip")]["clip_score"] <= 100
+  assert 0 <= by[(4, "clip")]["clip_score"] <= 100  # the score itself: test_eval_clip.py
   assert by[(4, "clip")]["settings"]["guidance_scale"] == 5.0
-  assert by[(2, "caption")]["cider"] >= 0 and 0 <= by[(2, "caption")]["bleu4"] <= 1
+  for step in (2, 4):
+    want = _expected_caption_scores(workdir, config, step)
+    assert by[(step, "caption")]["cider"] == pytest.approx(want["cider"], abs=1e-9)
+    assert by[(step, "caption")]["bleu4"] == pytest.approx(want["bleu4"], abs=1e-9)
   assert by[(4, "ppl")]["ppl_tokens/held"] == 300 and by[(4, "ppl")]["ppl/held"] > 1
-  assert by[(4, "mc")]["mc/task/acc"] in (0.0, 0.5, 1.0)
+  assert by[(2, "mc")]["mc/task/acc"] == by[(4, "mc")]["mc/task/acc"] == 1.0
   assert by[(4, "ppl")]["train_flops"] == 2 * by[(2, "ppl")]["train_flops"] > 0
   # Nothing left to do: a second pass evaluates nothing.
   assert job.run(workdir, suites, config=config, once=True, log=lambda s: None) == []

@@ -1,5 +1,7 @@
-"""Generation: the cached paths compute what the whole sequence computes, sampling is per
-sample, guidance is right, and bad requests fail before any compute."""
+"""Generation: the cached paths compute what the whole sequence computes, the samplers do
+what their definitions say (the references below write noise, updates and guidance out
+independently of tfusion/generate/image.py), sampling is per sample, intra_image is honoured,
+and bad requests fail before any compute."""
 
 import functools
 
@@ -26,6 +28,10 @@ def _config(objective="ddpm"):
                  head_dim=8, mlp_dim=64, max_len=MAX_LEN)
   c.model.image.update(latent_size=4, latent_channels=2, patch_size=2)  # 4 patches
   c.diffusion.objective = objective
+  if objective == "ddpm" and "x0_threshold" in c.diffusion:
+    # The textbook sampler (no bound on the clean estimate, evenly spaced steps): what
+    # `reference_sample` writes out.
+    c.diffusion.update(x0_threshold="none", timestep_spacing="linspace")
   return c
 
 
@@ -95,24 +101,55 @@ def reference_greedy(forward, params, rows, n):
   return np.stack(tokens, 1), np.stack(logits, 1)
 
 
+def _contract_noise(keys, step, shape):
+  """The noise image.py's docstring promises: sample i starts from normal(fold_in(key_i, 0)),
+  and denoising step s draws normal(fold_in(key_i, s + 1))."""
+  return np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, step), shape))
+                   for k in np.asarray(keys)])
+
+
 def reference_sample(forward, params, cond_rows, uncond_rows, keys, objective, sampler, steps,
                      scale):
-  """The sampler run on predictions of the whole sequence at every step."""
-  times = objective.sampling_times(steps)
+  """The sampler written out from its definition (not the library's step code), with
+  predictions of the whole sequence at every step.
+
+  DDPM/DDIM (eta 1/0): S training steps evenly spaced from T-1 to 0, then clean;
+  x' = sqrt(ab') x0 + sqrt(1 - ab' - sigma^2) eps + sigma z with x0 = (x - sqrt(1 - ab) eps) /
+  sqrt(ab), sigma = eta sqrt((1 - ab') / (1 - ab) (1 - ab / ab')). Flow: Euler on t = 1 -> 0;
+  Heun averages the velocities at both ends, its last step Euler. Guidance:
+  uncond + scale * (cond - uncond).
+  """
   shape = cond_rows["images"].shape[2:]
 
   def predict(x, t):
-    cond = forward(params, cond_rows, x, t)[1]
-    return cond if scale == 1 else image_lib.guide(cond, forward(params, uncond_rows, x, t)[1],
-                                                   scale)
+    cond = np.asarray(forward(params, cond_rows, x, np.float32(t))[1])
+    if scale == 1:
+      return cond
+    uncond = np.asarray(forward(params, uncond_rows, x, np.float32(t))[1])
+    return uncond + np.float32(scale) * (cond - uncond)
 
-  x = image_lib.initial_noise(keys, shape)
-  for i in range(steps):
-    rule = image_lib.rule_of_step(sampler, i, steps)
-    noise = image_lib.step_noise(keys, i, shape) if rule == "ddpm" else jnp.zeros_like(x)
-    x = image_lib.sampler_update(objective, rule, x, predict(x, times[i]), times[i],
-                                 times[i + 1], noise, predict)
-  return np.asarray(x)
+  x = _contract_noise(keys, 0, shape)
+  if sampler in ("ddpm", "ddim"):
+    num_train = objective.num_steps
+    alpha_bars = diffusion.cosine_alpha_bars(num_train).astype(np.float32)
+    eta = {"ddpm": 1.0, "ddim": 0.0}[sampler]
+    idx = np.linspace(num_train - 1, 0, steps).round().astype(int)
+    for s, i in enumerate(idx):
+      ab = alpha_bars[i]
+      ab_next = alpha_bars[idx[s + 1]] if s + 1 < steps else np.float32(1.0)
+      eps = predict(x, i / num_train)
+      x0 = (x - np.sqrt(1 - ab) * eps) / np.sqrt(ab)
+      sigma = np.float32(eta * np.sqrt((1 - ab_next) / (1 - ab) * (1 - ab / ab_next)))
+      z = _contract_noise(keys, s + 1, shape) if eta else 0.0
+      x = np.sqrt(ab_next) * x0 + np.sqrt(max(1 - ab_next - sigma ** 2, 0.0)) * eps + sigma * z
+  else:
+    times = np.linspace(1.0, 0.0, steps + 1).astype(np.float32)
+    for s, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+      v = predict(x, t)
+      if sampler == "heun" and s < steps - 1:
+        v = 0.5 * (v + predict(x + (t_next - t) * v, t_next))
+      x = x + (t_next - t) * v
+  return np.asarray(x, np.float32)
 
 
 def test_cached_decoding_gives_the_logits_of_the_full_sequence(setup):
@@ -252,6 +289,24 @@ def test_interleaved_images_see_everything_before_them(setup):
     rows = _rows(gen, [document(r, seg) for r in range(3)])
     want, _ = reference_greedy(forward, params, rows, 3)
     np.testing.assert_array_equal([segments[seg][1] for segments in out], want)
+
+
+def test_generation_honours_intra_image(setup):
+  """The causal-inside-images ablation samples what the causal model computes over the whole
+  sequence, which differs from the bidirectional model's samples (same weights, same keys)."""
+  config, params, gen, _ = setup
+  causal = _config()
+  causal.model.intra_image = "causal"
+  gen_causal = engine.Generator(causal, params, SPECIAL, fast_compile=True)
+  forward = jax.jit(functools.partial(reference.forward_last_image_at,
+                                      train_state.build_model(causal)), compiler_options=FAST)
+  keys = engine.sample_keys(13, 3)
+  got = gen_causal.text_to_image(PROMPTS, keys, sampler="ddim", steps=2)
+  cond_rows, _ = _text_to_image_rows(gen, PROMPTS)
+  want = reference_sample(forward, params, cond_rows, None, keys, gen.objective, "ddim", 2, 1.0)
+  _assert_close(got, want)
+  bidirectional = gen.text_to_image(PROMPTS, keys, sampler="ddim", steps=2)
+  assert np.abs(np.asarray(bidirectional) - np.asarray(got)).max() > 1e-3 * np.abs(want).max()
 
 
 def test_captioning_reads_the_image(setup):

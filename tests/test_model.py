@@ -117,8 +117,29 @@ def test_gradients_reach_both_heads_and_the_trunk(encoder):
   assert norm(text["lm_head"]) > 0 and norm(text["trunk"]) > 0
   assert norm(text["image_out"]) == 0  # the LM loss does not train the image head
   assert norm(image["image_out"]) > 0 and norm(image["trunk"]) > 0
+  # (A time embedding gets gradient even at t = 0; that the model receives the sampled
+  # times is checked in test_losses.py, that its output depends on t below.)
   assert norm(image["image_in"]) > 0 and norm(image["time_embedding"]) > 0
   assert norm(image["lm_head"]) == 0
+
+
+def test_image_predictions_depend_on_the_time(linear_setup):
+  """The same noisy latents at another time give another prediction (per image: each slot
+  sees its own time), while text logits stay as they are."""
+  model, params, batch, _, _ = linear_setup
+  apply = jax.jit(model.apply)
+  args = (batch["tokens"], batch["positions"], batch["segment_ids"], batch["image_index"],
+          batch["images"])
+  t = np.full((B, M), 0.2, np.float32)
+  logits, pred = apply(params, *args, t)
+  real = np.argwhere(batch["image_mask"])
+  changed_t = t.copy()
+  changed_t[tuple(real[0])] = 0.9
+  logits_b, pred_b = apply(params, *args, changed_t)
+  diff = np.abs(np.asarray(pred_b) - np.asarray(pred)).max(axis=(2, 3, 4))
+  assert diff[tuple(real[0])] > 1e-3
+  # Earlier text cannot see the image, so at least the first text position is unchanged.
+  np.testing.assert_allclose(logits_b[:, 0], logits[:, 0], atol=1e-5)
 
 
 @pytest.mark.parametrize("patch_size", [1, 2, 4, 8])

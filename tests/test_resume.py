@@ -1,5 +1,6 @@
 """Exact resume: a run killed (SIGKILL) or preempted (SIGTERM) and resumed ends bitwise equal
-to an uninterrupted run, with identical logged losses after the checkpoint."""
+to an uninterrupted run, with identical logged losses after the checkpoint; a resume on the
+Grain pipeline starts from the newest of several checkpoints."""
 
 import os
 import signal
@@ -60,3 +61,24 @@ def test_interrupted_run_resumes_exactly(straight_run, tmp_path, sig):
   train_utils.run_train(workdir, f"--config.train.steps={TOTAL}",
                         f"--config.checkpoint.every_steps={N}")
   _assert_same_as(straight_run, workdir, resume_from)
+
+
+def test_resume_on_grain_data_starts_from_the_newest_checkpoint(tmp_path):
+  """A run to step 6 with checkpoints 3 and 6, continued to step 8 on the Grain pipeline: the
+  continuation must start from the newest checkpoint and perform exactly steps 7 and 8."""
+  from tfusion import checkpoint, train
+  overrides = dict(train_utils.grain_data(tmp_path), **{
+      "train.steps": 6, "checkpoint.every_steps": 3, "checkpoint.keep": 3})
+  workdir = str(tmp_path / "run")
+  assert train.train_and_evaluate(train_utils.tiny_config(**overrides), workdir)["step"] == 6
+  assert checkpoint.Checkpointer(workdir, read_only=True).all_steps() == [3, 6]
+  first_run = train_utils.losses_by_step(workdir)
+  logged = []  # the steps the continued run performs and logs (log_every=1)
+  overrides["train.steps"] = 8
+  out = train.train_and_evaluate(train_utils.tiny_config(**overrides), workdir,
+                                 on_log=lambda step, scalars: logged.append(step))
+  assert out["step"] == 8 and logged == [7, 8]
+  assert train_utils.final_params(workdir)[0] == 8
+  losses = train_utils.losses_by_step(workdir)
+  assert sorted(losses) == list(range(1, 9))
+  assert all(losses[s] == first_run[s] for s in range(1, 7))

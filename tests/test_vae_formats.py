@@ -83,7 +83,8 @@ def test_loads_pre_0_14_diffusers_attention_names(saved, tmp_path):
 
 @pytest.mark.crosscheck
 def test_loads_ldm_single_file_inside_a_full_checkpoint(saved, tmp_path):
-  from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+  single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
+  convert_ldm_vae_checkpoint = single_file_utils.convert_ldm_vae_checkpoint
   path, state = saved
   ldm = {f"first_stage_model.{k}": v for k, v in _to_ldm(state, 3).items()}
   ldm["model.diffusion_model.input_blocks.0.0.weight"] = np.zeros((2, 2), np.float32)
