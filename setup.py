@@ -36,6 +36,9 @@ setup(
         "test": ["pytest>=8", "scikit-image"],
         # PyTorch reference implementations, only for the equivalence tests. Exact pins: these
         # wheels are on the CI machines' disk (a looser torch would pull a multi-GB CUDA build).
+        # Deviceless TPU topologies: tfusion-aot compiles for a pod with the TPU compiler, no
+        # chips (the pod-mesh tests use it too). The libtpu build must match jax's release.
+        "aot": ["libtpu==0.0.42.1; sys_platform == 'linux'"],
         "crosscheck": ["torch==2.14.1", "torchvision==0.29.1", "diffusers", "pytorch-fid",
                        "open_clip_torch"],
     },
@@ -54,6 +57,9 @@ setup(
             "tfusion-convert-mc=tfusion.evaluate.mc_convert:main",
             "tfusion-convert-inception=tfusion.evaluate.convert_inception:main",
             "tfusion-convert-clip=tfusion.evaluate.convert_clip:main",
+            "tfusion-aot=tfusion.aot:main",
+            "tfusion-config=tfusion.config_cli:main",
+            "tfusion-make-text-records=tfusion.data.make_text_records:main",
         ],
     },
 )

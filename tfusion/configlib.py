@@ -45,8 +45,12 @@ def model_config(size=None):
   m.qk_norm = False  # the paper does not use it
   m.tie_embeddings = False
   m.dtype = "float32"  # compute dtype; parameters are float32
-  m.attention_impl = "dense"  # dense (reference) | jax (jax.nn.dot_product_attention)
-  m.remat = "none"  # none | full | dots
+  # dense (reference) | chunked (XLA, blocked, any backend) | pallas_tpu | auto (tfusion/model/attention.py)
+  m.attention_impl = "dense"
+  m.attention_block = 512  # query/key block size of the chunked / Pallas kernels
+  # What the backward keeps per layer (tfusion/model/remat.py): none | minimal (= dots) | qkv |
+  # qkv_attn | full | qkv_offload (TPU/GPU). Check fit first: tfusion-aot --config C.
+  m.remat = "none"
   m.intra_image = "bidirectional"  # bidirectional (paper) | causal (ablation)
   m.max_len = 256  # context length used by generation
 
@@ -90,6 +94,11 @@ def eval_config():
   e.num_samples = 1000
   e.sampler = ""  # "" = the objective's default (ddpm / euler)
   e.steps = 0  # 0 = the sampler's default (the paper: 250 DDPM steps)
+  # DDPM/DDIM only; ""/0 = config.diffusion's (x0_threshold, clip_x0, ... there).
+  e.x0_threshold = ""  # none | static | dynamic
+  e.clip_x0 = 0.0
+  e.threshold_percentile = 0.0
+  e.timestep_spacing = ""  # linspace | leading | trailing
   e.guidance_scale = 5.0  # the paper: 5 (main results), 3 (ablations)
   e.fid_weights = ""  # Inception .npz (tfusion-convert-inception)
   e.fid_reference = ""  # folder of real images; statistics cached in W/eval_cache
@@ -127,12 +136,28 @@ def base_config():
   c.diffusion.time_sampling = "logit_normal"  # flow only: logit_normal | uniform
   c.diffusion.logit_mean = 0.0
   c.diffusion.logit_std = 1.0
+  # DDPM training (tfusion/diffusion.py CosineDDPM); the flow objective needs the defaults.
+  c.diffusion.prediction = "eps"  # eps (paper) | v | x0: what the model outputs
+  c.diffusion.loss_weighting = "none"  # none (paper) | min_snr (Hang et al. 2023)
+  c.diffusion.min_snr_gamma = 5.0
+  c.diffusion.zero_terminal_snr = False  # rescale so the last step is pure noise (v or x0 only)
+  # DDPM sampler defaults (ddpm, ddim; config.eval and tfusion-generate flags override them).
+  # Unbounded, a trained eps model's small error at step 999 (alpha_bar 2.4e-9) is amplified
+  # hundreds of times and saturates the latents; latents are normalised to unit variance, so
+  # clipping the clean estimate at 3 standard deviations leaves correct estimates alone.
+  c.diffusion.x0_threshold = "static"  # none | static (clip at clip_x0) | dynamic (Imagen)
+  c.diffusion.clip_x0 = 3.0  # the bound (dynamic: the floor of the per-sample threshold)
+  c.diffusion.threshold_percentile = 0.995  # dynamic: percentile of |x0| per sample
+  c.diffusion.timestep_spacing = "trailing"  # linspace | leading | trailing (Lin et al. 2024)
 
   c.vae = ml_collections.ConfigDict()
   c.vae.path = ""  # VAE directory (diffusers format, tfusion/vae/): decodes samples to pixels
 
   c.loss = ml_collections.ConfigDict()
   c.loss.image_weight = 5.0  # lambda
+  # Text CE over chunks of this many positions, recomputed in the backward, so the [B, L, V]
+  # float32 logits never exist (tfusion/chunked_ce.py); 0 = dense logits.
+  c.loss.ce_chunk_size = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4
@@ -145,12 +170,27 @@ def base_config():
   c.optim.weight_decay = 0.1
   c.optim.decay_norms_and_embeddings = False
   c.optim.grad_clip = 1.0
+  # Branches of another run (tfusion-train --init_from): the schedule is read at
+  # step + schedule_offset (the parent's step S continues its schedule; 0 re-warms), and a
+  # cool-down of cooldown_steps > 0 from step cooldown_start of this run decays the lr from
+  # its value there to end_lr (WSD-style), linear or cosine.
+  c.optim.schedule_offset = 0
+  c.optim.cooldown_steps = 0
+  c.optim.cooldown_start = 0
+  c.optim.cooldown_shape = "linear"  # linear | cosine
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100
   c.train.log_every = 10  # steps between log lines / metric records
   c.train.validate_batches = True  # check each host batch against the contract (cheap numpy)
   c.train.max_nonfinite_steps = 10  # stop after this many skipped non-finite steps in a row
+  # Resuming from a checkpoint whose optimizer state does not fit this config (another
+  # optimizer setting): auto refuses, naming what differs; params_only restores params, step
+  # and data position and starts a fresh optimizer state.
+  c.train.restore = "auto"
+  # Exit status after a preemption (SIGTERM) saved its checkpoint: 0, or e.g. 75 (EX_TEMPFAIL)
+  # so a launcher can requeue (launch/slurm.sbatch does).
+  c.train.preempted_exit_code = 0
 
   c.eval = eval_config()
 
@@ -158,6 +198,10 @@ def base_config():
   c.mesh.data = -1  # -1: all devices not used by the other axes
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # Multi-slice / multi-host DCN: how many slices (hosts, where devices have no slice) the data
+  # and fsdp axes above span. Several slices with both 1: data spans them, FSDP stays inside.
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 50
@@ -178,3 +222,37 @@ def load_config_file(spec):
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {path!r} has no get_config()")
   return module.get_config(arg) if arg else module.get_config()
+
+
+# Config keys that hold local paths (comma-separated lists allowed). A run stores them
+# absolute in W/config.json, so eval and generate find them from any directory.
+PATH_KEYS = (
+    "data.tokenizer", "data.text", "data.image_caption", "data.interleaved", "vae.path",
+    "eval.prompts", "eval.fid_weights", "eval.fid_reference", "eval.clip_weights",
+    "eval.caption_records", "eval.ppl_files", "eval.mc_tasks", "eval.loss_text",
+    "eval.loss_image_caption", "eval.loss_interleaved",
+)
+
+
+def absolute_paths(config, base=None):
+  """Makes every PATH_KEYS entry of `config` absolute (in place, relative to `base` or the
+  current directory; `~` expanded; URLs like gs://... kept). Returns config."""
+  base = os.path.abspath(base or os.getcwd())
+
+  def fix(part):
+    part = part.strip()
+    if not part or "://" in part:
+      return part
+    return os.path.normpath(os.path.join(base, os.path.expanduser(part)))
+
+  for key in PATH_KEYS:
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      node = node.get(name) if name in node else None
+      if node is None:
+        break
+    if node is None or leaf not in node or not isinstance(node[leaf], str) or not node[leaf]:
+      continue
+    node[leaf] = ",".join(fix(p) for p in node[leaf].split(",") if p.strip())
+  return config

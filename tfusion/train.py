@@ -3,13 +3,19 @@
 Builds the mesh, the train state (directly sharded), the data iterator (this process's rows
 only), and runs a jitted, state-donating step. Resumes automatically from the newest complete
 checkpoint in W/checkpoints, restoring the data iterator too, so a resumed run continues with
-exactly the batches an uninterrupted run would have seen. SIGTERM (preemption) saves a
-checkpoint at the current step and exits cleanly.
+exactly the batches an uninterrupted run would have seen; metric records after the restored
+step are dropped (they are redone). A checkpoint of another optimizer setting is refused,
+naming what differs (config.train.restore=params_only keeps its params); only damaged ones are
+set aside (tfusion/checkpoint.py). SIGTERM (preemption) and Ctrl-C save a checkpoint at the
+current step and exit cleanly (exit status config.train.preempted_exit_code after SIGTERM); a
+second Ctrl-C aborts at once. `--init_from W1[:STEP]` forks another run (tfusion/fork.py).
 
-Workdir: checkpoints/, config.json (resolved config), metrics/train.jsonl, tb/ (TensorBoard).
+Before its first write the job takes W/LOCK (tfusion/workdir_lock.py): a second trainer on a
+live workdir refuses. Workdir: checkpoints/, config.json (resolved config, a fork's lineage),
+metrics/train.jsonl, tb/ (TensorBoard), logs/ (this job's warnings and info lines).
 """
 
-import dataclasses
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +31,9 @@ import numpy as np
 
 from tfusion import batch as batch_lib
 from tfusion import checkpoint as checkpoint_lib
-from tfusion import diffusion, flops, losses, metrics as metrics_lib, optim, sharding, train_state
+from tfusion import diffusion, flops, logs, losses, metrics as metrics_lib, optim, sharding, train_state
+from tfusion import workdir_lock
+from tfusion.model import attention
 
 
 class ConfigMismatchError(ValueError):
@@ -40,12 +48,13 @@ def make_data_iterator(config, mesh):
     return synthetic.SyntheticIterator(config, row_start=start, row_count=count)
   if config.data.source == "grain":
     from tfusion.data import pipeline
-    expected = config.data.batch_size // jax.process_count()
-    if count != expected or start != jax.process_index() * expected:
-      raise ValueError("the grain pipeline feeds equal contiguous row blocks in process order; "
+    # Hosts that hold the same batch blocks (a tensor axis across hosts) read the same shard.
+    shard, num_shards = sharding.data_shard(mesh)
+    expected = config.data.batch_size // num_shards
+    if count != expected or start != shard * expected:
+      raise ValueError("the grain pipeline feeds equal contiguous row blocks in shard order; "
                        f"this process holds rows {start}..{start + count - 1} on the mesh")
-    return pipeline.make_iterator(config, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+    return pipeline.make_iterator(config, process_index=shard, process_count=num_shards)
   raise ValueError(f"config.data.source must be 'synthetic' or 'grain', got {config.data.source!r}")
 
 
@@ -53,7 +62,8 @@ def make_train_step(config, mesh, shardings):
   """Returns the jitted step (state, batch) -> (state, metrics); the state is donated."""
   model = train_state.build_model(config)
   loss_fn = losses.make_loss_fn(model, diffusion.from_config(config),
-                                image_weight=config.loss.image_weight)
+                                image_weight=config.loss.image_weight,
+                                ce_chunk_size=config.loss.ce_chunk_size)
   tx, schedule = optim.make_optimizer(config.optim)
   base_rng = jax.random.PRNGKey(config.seed)
 
@@ -69,7 +79,11 @@ def make_train_step(config, mesh, shardings):
     new_state = {"params": keep(params, state["params"]),
                  "opt_state": keep(opt_state, state["opt_state"]),
                  "step": state["step"] + 1}
-    out = dict(aux, grad_norm=grad_norm, lr=schedule(state["step"]), finite=finite)
+    # Attention pairs the mask allows: model FLOPs for the MFU (skipped blocks never count).
+    attn_pairs = attention.allowed_pairs(batch["segment_ids"], batch["image_index"],
+                                         intra_image=config.model.intra_image)
+    out = dict(aux, grad_norm=grad_norm, lr=schedule(state["step"]), finite=finite,
+               attn_pairs=attn_pairs.astype(jnp.float32).sum())  # float: > 2^31 on pods
     return new_state, out
 
   batch_shard = sharding.batch_sharding(mesh)
@@ -81,7 +95,13 @@ def make_train_step(config, mesh, shardings):
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
       return jitted(state, batch)
 
+  run.jitted = jitted  # for ahead-of-time compiles (tfusion-aot)
   return run
+
+
+# How the model is computed, not what it is: a resumed run may change these (e.g. a remat
+# policy to fit a new mesh) without touching the checkpoint.
+EXECUTION_KEYS = ("model.remat", "model.attention_impl", "model.attention_block")
 
 
 def check_compatible(stored, config):
@@ -91,6 +111,8 @@ def check_compatible(stored, config):
 
   def walk(a, b, prefix):
     for key in sorted(set(a) | set(b)):
+      if f"{prefix}{key}" in EXECUTION_KEYS:
+        continue
       x, y = a.get(key, "<missing>"), b.get(key, "<missing>")
       if isinstance(x, dict) and isinstance(y, dict):
         walk(x, y, f"{prefix}{key}.")
@@ -103,18 +125,38 @@ def check_compatible(stored, config):
                               "workdir or match the config:\n  " + "\n  ".join(diffs))
 
 
-@dataclasses.dataclass
-class _Preemption:
-  requested: bool = False
+class _StopSignals:
+  """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to save a checkpoint and stop.
+
+  A second Ctrl-C aborts at once (KeyboardInterrupt). The previous handlers come back on
+  `restore` (train_and_evaluate also runs inside other programs: the demo, tests).
+  """
+
+  def __init__(self):
+    self.reason = None  # "preempted" (SIGTERM) | "interrupted" (Ctrl-C)
+    self._previous = {}
 
   def install(self):
     if threading_is_main():
-      signal.signal(signal.SIGTERM, self._handler)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handler)
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
 
   def _handler(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting")
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT:
+      if self.reason == "interrupted":
+        raise KeyboardInterrupt
+      logging.warning("Ctrl-C: saving a checkpoint at the current step, then exiting "
+                      "(Ctrl-C again aborts at once)")
+      self.reason = "interrupted"
+    else:
+      logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting")
+      self.reason = self.reason or "preempted"
 
 
 def threading_is_main():
@@ -128,13 +170,27 @@ def _fmt_duration(seconds):
       f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def train_and_evaluate(config, workdir, *, on_log: Optional[Callable] = None):
+def _newest_stored_config(reader, steps):
+  """The stored config of the newest checkpoint whose config reads (damage is found later)."""
+  for step in reversed(steps):
+    try:
+      return reader.restore_config(step)
+    except Exception:  # noqa: BLE001 - a damaged checkpoint; restore_latest sets it aside
+      continue
+  return None
+
+
+def train_and_evaluate(config, workdir, *, on_log: Optional[Callable] = None,
+                       init_from: Optional[str] = None, init_what: str = "params",
+                       force_unlock: bool = False):
   """Trains `config` in `workdir` (resuming from it). Returns a summary dict.
 
   on_log(step, scalars) is called at every log step (e.g. by the demo for progress).
+  init_from="W1[:STEP]" starts a new run from another run's checkpoint (tfusion/fork.py),
+  unless `workdir` has checkpoints of its own. The workdir is locked for the run
+  (tfusion/workdir_lock.py); force_unlock takes over a lock left by a run that is gone.
   """
   mesh = sharding.make_mesh(config.mesh)  # impossible meshes fail here, before any writes
-  num_patches = (config.model.image.latent_size // config.model.image.patch_size) ** 2
   shardings = train_state.state_shardings(config, mesh)
   ckpt_dir = checkpoint_lib.checkpoint_dir(workdir)
   if jax.process_count() > 1:  # every process looks at the workdir before any writes to it
@@ -143,40 +199,147 @@ def train_and_evaluate(config, workdir, *, on_log: Optional[Callable] = None):
   has_checkpoints = os.path.isdir(ckpt_dir)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("tfusion:inspected-workdir")
+  steps, lineage, parent = [], None, None
+  if init_from:
+    from tfusion import fork
+    fork.check_not_self(init_from, workdir)
   if has_checkpoints:
     reader = checkpoint_lib.Checkpointer(workdir, read_only=True)
     steps = reader.all_steps()
-    if steps:
-      check_compatible(reader.restore_config(steps[-1]), config)
-  data_iter = make_data_iterator(config, mesh)  # missing data fails here, before any writes
+    stored = _newest_stored_config(reader, steps)
+    if stored is not None:
+      check_compatible(stored, config)
+      lineage = stored.get("lineage")
+    with _explain_structure(reader, config):  # another optimizer state: refuse before writing
+      reader.check_newest(train_state.abstract_state(config, mesh), mode=config.train.restore)
+  if init_from and steps:
+    logging.warning("%s has checkpoints of its own (newest: step %d): resuming from them; "
+                    "--init_from %s is ignored", workdir, steps[-1], init_from)
+  elif init_from:
+    parent = fork.Parent(init_from, init_what, workdir)  # read-only
+  lock = workdir_lock.WorkdirLock(workdir, force=force_unlock)
+  data_iter = None
+  try:
+    if parent is not None:
+      check_compatible(parent.config, config)
+      parent.check(train_state.abstract_state(config, mesh))
+      lineage = parent.lineage(config)
+    data_iter = make_data_iterator(config, mesh)  # missing data fails here, before any writes
+    lock.acquire()  # a live run refuses here: the lock is this run's first write
+  except BaseException:
+    if data_iter is not None:
+      _close(data_iter)
+    if parent is not None:
+      parent.close()
+    raise
+  log_file = None
+  try:
+    log_file = logs.log_to_file(workdir, "train")
+    return _train(config, workdir, mesh, shardings, data_iter, parent, lineage, on_log)
+  finally:
+    if parent is not None:
+      parent.close()
+    if log_file is not None:
+      logs.remove(log_file)
+    lock.release()
 
-  os.makedirs(workdir, exist_ok=True)
+
+@contextlib.contextmanager
+def _explain_structure(ckpt, config):
+  """Adds the optim/model config keys that differ from the checkpoint's to its structure error."""
+  try:
+    yield
+  except checkpoint_lib.CheckpointStructureError as e:
+    from tfusion import fork
+    differ = fork.config_diff(ckpt.restore_config(e.step),
+                              json.loads(config.to_json_best_effort()), ("checkpoint", "config"))
+    raise checkpoint_lib.CheckpointStructureError(
+        e.directory, e.step, e.diffs,
+        hint=[d for d in differ if d.startswith(("optim.", "model."))]) from None
+
+
+def _restore_or_init(config, ckpt, mesh, shardings, data_iter, parent):
+  """-> (start step, state): this workdir's newest checkpoint, the parent's, or a fresh init."""
+  abstract = train_state.abstract_state(config, mesh)
+  with _explain_structure(ckpt, config):
+    restored = ckpt.restore_latest(abstract, mode=config.train.restore)
+  if restored is not None:
+    start, state, data_state = restored
+    if "opt_state" not in state:
+      logging.warning("checkpoint %s/%d: its optimizer state does not fit this config; "
+                      "config.train.restore=params_only: restored params, step and data "
+                      "position, with a fresh optimizer state", ckpt.directory, start)
+      from tfusion import fork
+      state = fork.with_fresh_optimizer(config, shardings, state["params"], start)
+    data_iter.set_state(data_state)
+    logging.info("resumed from %s/%d", ckpt.directory, start)
+    return start, state
+  if parent is not None:
+    state, data_state, start = parent.init_state(config, abstract, shardings)
+    if data_state is not None:
+      data_iter.set_state(data_state)
+    return start, state
+  return 0, train_state.init_state(config, mesh, jax.random.PRNGKey(config.seed))
+
+
+def _config_json(config, lineage):
+  """The resolved config as JSON, with the fork's lineage (if any) under "lineage"."""
   config_json = config.to_json_best_effort(indent=2)
+  if lineage is None:
+    return config_json
+  return json.dumps(dict(json.loads(config_json), lineage=lineage), indent=2)
+
+
+def _data_counters(data_iter, previous):
+  """Skipped-record counters of the data iterator (by reason, by source), if it has them.
+
+  Warns on the console when the count grew since `previous` (the last log step's count)."""
+  counters = getattr(data_iter, "metrics", None)
+  if counters is None:
+    return {}
+  out = counters()
+  total = out.get("data/skipped_records", 0)
+  if total > previous:
+    detail = ", ".join(f"{k[len('data/skipped_'):]} {v}" for k, v in sorted(out.items())
+                       if k.startswith("data/skipped_") and k != "data/skipped_records")
+    logging.warning("skipped %d bad records so far (%s)", total, detail)
+  return out
+
+
+def _train(config, workdir, mesh, shardings, data_iter, parent, lineage, on_log):
+  """The run itself, once the workdir is this run's (locked)."""
+  num_patches = (config.model.image.latent_size // config.model.image.patch_size) ** 2
+  config_json = _config_json(config, lineage)
+  if lineage is not None:
+    logging.info("forked from %s step %d (init_what=%s); config differences from the parent: "
+                 "%s", lineage["parent_workdir"], lineage["parent_step"], lineage["init_what"],
+                 "; ".join(lineage["config_diff"]) or "none")
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config_json)
   ckpt = checkpoint_lib.Checkpointer(
       workdir, keep=config.checkpoint.keep, keep_period=config.checkpoint.keep_period or None,
       async_save=config.checkpoint.async_save)
-  restored = ckpt.restore_latest(train_state.abstract_state(config, mesh))
-  if restored is None:
-    state = train_state.init_state(config, mesh, jax.random.PRNGKey(config.seed))
-    start = 0
-  else:
-    start, state, data_state = restored
-    data_iter.set_state(data_state)
-    logging.info("resumed from %s/%d", ckpt.directory, start)
-  writer = metrics_lib.MetricWriter(os.path.join(workdir, "metrics", "train.jsonl"),
-                                    os.path.join(workdir, "tb"))
+  try:
+    start, state = _restore_or_init(config, ckpt, mesh, shardings, data_iter, parent)
+  except BaseException:
+    ckpt.close()
+    _close(data_iter)
+    raise
+  jsonl = os.path.join(workdir, "metrics", "train.jsonl")
+  dropped = metrics_lib.truncate_after(jsonl, start)  # steps after `start` are redone
+  if dropped:
+    logging.info("dropped %d records after step %d from %s", dropped, start, jsonl)
+  writer = metrics_lib.MetricWriter(jsonl, os.path.join(workdir, "tb"))
   step_fn = make_train_step(config, mesh, shardings)
-  flops_per_step = flops.train_flops_per_step(config, train_state.param_count(state))
+  num_params = train_state.param_count(state)
   peak = flops.peak_flops(jax.devices())
-  preemption = _Preemption()
-  preemption.install()
+  signals = _StopSignals()
+  signals.install()
 
   total = config.train.steps
   log_every = max(config.train.log_every, 1)
-  nonfinite_run, skipped, pending = 0, 0, None
+  nonfinite_run, skipped, pending, bad_records = 0, 0, None, 0
   window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
   loop_start, step, last = time.perf_counter(), start, {}
   stop_reason = "done"
@@ -185,10 +348,10 @@ def train_and_evaluate(config, workdir, *, on_log: Optional[Callable] = None):
          f"mesh {dict(mesh.shape)}, steps {start}->{total}, workdir {workdir}")
   try:
     for step in range(start, total):
-      preempted = preemption.requested or (
+      preempted = signals.reason is not None or (
           jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
       if preempted:
-        stop_reason = "preempted"
+        stop_reason = signals.reason or "preempted"
         break
       local = next(data_iter)
       if config.train.validate_batches:
@@ -211,16 +374,20 @@ def train_and_evaluate(config, workdir, *, on_log: Optional[Callable] = None):
         elapsed = time.perf_counter() - window_start
         step_time = elapsed / window_steps
         tokens_per_s = window_tokens / elapsed
+        data_counters = _data_counters(data_iter, bad_records)
+        bad_records = data_counters.get("data/skipped_records", 0)
         scalars = dict(last, step_time=step_time, tokens_per_s=tokens_per_s,
-                       skipped_steps=skipped)
-        if peak:
+                       skipped_steps=skipped, **data_counters)
+        if peak:  # model FLOPs: attention counted over the pairs the mask allows (last step)
+          flops_per_step = flops.train_flops_per_step(config, num_params, last["attn_pairs"])
           scalars["mfu"] = flops_per_step / step_time / peak
         writer.write(step + 1, scalars)
         eta = (total - step - 1) * step_time
         mfu = f" mfu {scalars['mfu'] * 100:.1f}%" if peak else ""
+        bad = f" skipped records {bad_records}" if bad_records else ""
         _print(f"step {step + 1}/{total} loss {last['loss']:.4f} text {last['text_loss']:.4f} "
                f"image {last['image_loss']:.4f} grad_norm {last['grad_norm']:.3f} lr {last['lr']:.2e} "
-               f"{tokens_per_s:,.0f} tok/s {step_time * 1000:.0f} ms/step{mfu} "
+               f"{tokens_per_s:,.0f} tok/s {step_time * 1000:.0f} ms/step{mfu}{bad} "
                f"eta {_fmt_duration(eta)}")
         if on_log is not None:
           on_log(step + 1, scalars)
@@ -231,15 +398,17 @@ def train_and_evaluate(config, workdir, *, on_log: Optional[Callable] = None):
       step = total
     if pending is not None:
       nonfinite_run, skipped = _count_nonfinite(pending, nonfinite_run, skipped, step - 1, config)
+    final_step = int(jax.device_get(state["step"]))
+    if final_step not in ckpt.all_steps():
+      ckpt.save(final_step, state, data_iter.get_state(), config_json, force=True)
   except BaseException:
+    signals.restore()
     ckpt.close()  # let started saves finish: they hold good states
     writer.close()
     _close(data_iter)
     raise
-  final_step = int(jax.device_get(state["step"]))
-  if final_step not in ckpt.all_steps():
-    ckpt.save(final_step, state, data_iter.get_state(), config_json, force=True)
-  ckpt.close()
+  ckpt.close()  # waits for the last save: a second Ctrl-C here still aborts
+  signals.restore()
   writer.close()
   _close(data_iter)
   _print(f"{stop_reason} at step {final_step} ({_fmt_duration(time.perf_counter() - loop_start)}); "
@@ -297,20 +466,32 @@ def main():
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)")
   flags.DEFINE_integer("num_processes", None, "number of processes (with coordinator_address)")
   flags.DEFINE_integer("process_id", None, "this process's id (with coordinator_address)")
+  flags.DEFINE_string("init_from", None, "W1[:STEP]: start a new run from another run's "
+                      "checkpoint (default its newest); see tfusion/fork.py")
+  flags.DEFINE_enum("init_what", "params", ["params", "params+opt", "all"],
+                    "with --init_from: what to take from the parent")
+  flags.DEFINE_bool("force_unlock", False, "take over W/LOCK of a run known to be gone")
   flags.mark_flags_as_required(["config", "workdir"])
+  from tfusion import config_cli, configlib
+  config_cli.define_show_flag()
 
   def run(argv):
     del argv
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax is chatty; our warnings use stdlib logging
+    logs.setup_console()  # our lines on stderr (W/logs/ once the run owns W); absl quiet
     _maybe_initialize_distributed(flags.FLAGS)
     try:
-      train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (ConfigMismatchError, ValueError, FileNotFoundError, FloatingPointError) as e:
+      # Relative data/tokenizer/VAE/eval paths are stored absolute in W/config.json.
+      out = train_and_evaluate(configlib.absolute_paths(flags.FLAGS.config), flags.FLAGS.workdir,
+                               init_from=flags.FLAGS.init_from, init_what=flags.FLAGS.init_what,
+                               force_unlock=flags.FLAGS.force_unlock)
+    except (ConfigMismatchError, ValueError, FileNotFoundError, FloatingPointError,
+            workdir_lock.WorkdirLockedError) as e:
       print(f"tfusion-train: error: {e}", file=sys.stderr)
       sys.exit(2)
+    if out["stop_reason"] == "preempted":  # a launcher may requeue on this status
+      sys.exit(flags.FLAGS.config.train.preempted_exit_code)
 
-  app.run(run)
+  app.run(run, flags_parser=config_cli.flags_parser("tfusion-train"))
 
 
 if __name__ == "__main__":
