@@ -47,13 +47,8 @@ def parse_spec(spec):
 def denoisers(objective):
   import jax.numpy as jnp
 
-  def optimal(x, t):
-    ab = objective._alpha_bar(t)
-    a, b = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-    var = a * a * S * S + b * b
-    eps = b * (x - a * MU) / var
-    x0 = MU + a * S * S * (x - a * MU) / var
-    return {"eps": eps, "v": a * eps - b * x0, "x0": x0}[objective.prediction]
+  from tfusion import diffusion
+  optimal = lambda x, t: diffusion.gaussian_optimal_prediction(objective, x, t, MU, S)
 
   sat = lambda x: jnp.clip(x, -INPUT_RANGE, INPUT_RANGE)
   return {"optimal+5%": lambda x, t: 1.05 * optimal(sat(x), t),

@@ -98,20 +98,6 @@ def test_from_config_rejects_unknown_objective():
     diffusion.from_config(config)
 
 
-def _exact_prediction(objective, x, t, mean, std):
-  """The regression target's conditional mean E[target | x_t] for data x0 ~ N(mean, std^2)."""
-  if isinstance(objective, diffusion.CosineDDPM):
-    ab = objective._alpha_bar(jnp.float32(t))
-    a, b = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-  else:
-    a, b = 1.0 - t, t
-  var = a * a * std * std + b * b
-  e_noise = b * (x - a * mean) / var
-  if isinstance(objective, diffusion.CosineDDPM):
-    return e_noise
-  return e_noise - (mean + a * std * std * (x - a * mean) / var)
-
-
 @pytest.mark.parametrize("objective,eta,steps", [(diffusion.CosineDDPM(), 1.0, 250),
                                                  (diffusion.CosineDDPM(), 0.0, 50),
                                                  (diffusion.RectifiedFlow("uniform"), 0.0, 50)])
@@ -124,7 +110,7 @@ def test_samplers_with_the_exact_denoiser_reproduce_the_data_distribution(object
   x = jax.random.normal(key, (20000, 1, 1, 1, 1))
   for t, t_next in zip(times[:-1], times[1:]):
     key, sub = jax.random.split(key)
-    pred = _exact_prediction(objective, x, t, mean, std)
+    pred = diffusion.gaussian_optimal_prediction(objective, x, t, mean, std)
     x = objective.step(x, pred, t, t_next, jax.random.normal(sub, x.shape), eta=eta)
   assert abs(float(x.mean()) - mean) < 0.01
   assert abs(float(x.std()) - std) < 0.015  # 250 ancestral / 50 deterministic steps: ~2%

@@ -42,12 +42,7 @@ def test_each_target_converts_back_to_x0_and_noise(prediction, ztsnr):
 
 def optimal_target(objective, x, t):
   """E[target | x_t = x] for Gaussian data, for objective.prediction."""
-  ab = objective._alpha_bar(t)
-  a, b = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-  var = a * a * S * S + b * b
-  eps = b * (x - a * MU) / var
-  x0 = MU + a * S * S * (x - a * MU) / var
-  return {"eps": eps, "v": a * eps - b * x0, "x0": x0}[objective.prediction]
+  return diffusion.gaussian_optimal_prediction(objective, x, t, MU, S)
 
 
 def sample_latents(objective, sampler, steps, predict, n=128, shape=(4, 4, 4)):

@@ -96,11 +96,7 @@ def test_clip_x0_bounds_the_clean_estimate_of_ddpm_steps():
 
 def exact_epsilon(objective, mean, std):
   """E[eps | x_t = x] for data x0 ~ N(mean, std^2) per coordinate (the optimal DDPM model)."""
-  def predict(x, t):
-    ab = objective._alpha_bar(jnp.float32(t))
-    a, b = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-    return b * (x - a * mean) / (a * a * std * std + b * b)
-  return predict
+  return lambda x, t: diffusion.gaussian_optimal_prediction(objective, x, t, mean, std)
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 250), ("ddim", 50)])

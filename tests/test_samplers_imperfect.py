@@ -34,12 +34,7 @@ INPUT_RANGE = 5.0
 
 def optimal(objective, x, t):
   """E[target | x_t = x] for Gaussian data under the DDPM schedule, for objective.prediction."""
-  ab = objective._alpha_bar(t)
-  a, b = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-  var = a * a * S * S + b * b
-  eps = b * (x - a * MU) / var
-  x0 = MU + a * S * S * (x - a * MU) / var
-  return {"eps": eps, "v": a * eps - b * x0, "x0": x0}[objective.prediction]
+  return diffusion.gaussian_optimal_prediction(objective, x, t, MU, S)
 
 
 def relative_error(objective):

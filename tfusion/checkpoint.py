@@ -43,7 +43,15 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def all_steps(self):
-    self.manager.reload()
+    """Steps of the complete checkpoints now on disk, sorted."""
+    for attempt in range(5):
+      try:
+        self.manager.reload()
+        break
+      except FileNotFoundError:  # a step deleted while listed (a trainer's keep-N cleanup)
+        if attempt == 4:
+          raise
+        time.sleep(0.2)
     return sorted(self.manager.all_steps())
 
   def save(self, step, state, data_state, config_json, *, force=False):

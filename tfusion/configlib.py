@@ -73,6 +73,7 @@ def model_config(size=None):
     m.vocab_size = PAPER_VOCAB_SIZE
     m.max_len = 4096
     m.dtype = "bfloat16"
+    m.attention_impl = "auto"  # the dense mask's [B, H, L, L] scores do not fit at L = 4096
     m.image.latent_size = 32  # 256x256 images through an 8x VAE
     m.image.latent_channels = 8
     # Sized so the U-Net adds about 0.27B parameters at 2x2 patches, as in the paper.

@@ -324,6 +324,27 @@ def check_config(d):
                      "(Lin et al. 2024)")
 
 
+def gaussian_optimal_prediction(objective, x, t, mean, std):
+  """The exact model for data x0 ~ N(mean, std^2) per coordinate: E[target | x_t = x].
+
+  A closed-form reference for samplers (tests, benchmarks/sampler_rms.py): sampling with it
+  must give back the data's mean and spread. The target is the objective's own: eps, v or x0
+  for CosineDDPM (its `prediction`), the velocity eps - x0 for RectifiedFlow.
+  Shapes: x any; t broadcastable to x (a scalar or [B, M] with trailing axes added by caller).
+  """
+  if isinstance(objective, CosineDDPM):
+    ab = objective._alpha_bar(jnp.asarray(t, jnp.float32))
+    a, b = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
+  else:
+    a, b = 1.0 - t, t
+  var = a * a * std * std + b * b
+  eps = b * (x - a * mean) / var
+  x0 = mean + a * std * std * (x - a * mean) / var
+  if not isinstance(objective, CosineDDPM):
+    return eps - x0
+  return {"eps": eps, "v": a * eps - b * x0, "x0": x0}[objective.prediction]
+
+
 def from_config(config):
   """Builds the objective named by `config.diffusion.objective` ('ddpm' | 'flow'), checked.
 

@@ -27,7 +27,6 @@ from typing import Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tfusion import batch as batch_lib
 from tfusion import checkpoint as checkpoint_lib
@@ -399,6 +398,7 @@ def _train(config, workdir, mesh, shardings, data_iter, parent, lineage, on_log)
     if pending is not None:
       nonfinite_run, skipped = _count_nonfinite(pending, nonfinite_run, skipped, step - 1, config)
     final_step = int(jax.device_get(state["step"]))
+    ckpt.wait()  # started saves and their keep-N cleanup finish before the directory is listed
     if final_step not in ckpt.all_steps():
       ckpt.save(final_step, state, data_iter.get_state(), config_json, force=True)
   except BaseException:
