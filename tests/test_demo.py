@@ -110,3 +110,24 @@ def test_full_disk_stops_clearly_and_keeps_finished_stages(tmp_path, monkeypatch
   with pytest.raises(SystemExit, match="disk is full.*rerun the same command to resume"):
     demo_main.run_demo(demo_config.get_config(quick=True), str(tmp_path))
   assert os.path.getsize(tmp_path / "data" / "tokenizer.model") > 0  # the finished stage stays
+
+
+def test_report_without_a_suite_leaves_its_picture_out(quick_demo, tmp_path):
+  """`--config.eval.suites=digits` (no captioning) must still write the report."""
+  from tfusion.demo import config as demo_config
+  from tfusion.demo import main as demo_main
+  from tfusion.demo import report
+  workdir = str(tmp_path / "demo")
+  shutil.copytree(quick_demo[0], workdir)
+  os.remove(os.path.join(workdir, "captions.png"))
+  samples = os.path.join(workdir, "run", "eval_samples")
+  for name in os.listdir(samples):
+    if name.startswith("captions_step"):
+      os.remove(os.path.join(samples, name))
+  with open(os.path.join(workdir, "report.json")) as f:
+    final = json.load(f)["final_step"]
+  report.write_report(demo_config.get_config(quick=True), workdir, demo_main.paths(workdir), final)
+  with open(os.path.join(workdir, "report.md")) as f:
+    text = f.read()
+  assert "samples.png" in text and "captions.png" not in text
+  assert not os.path.exists(os.path.join(workdir, "captions.png"))

@@ -113,3 +113,17 @@ def test_eval_overrides_without_config_and_typos(workdir, tmp_path):
   assert not os.path.exists(os.path.join(work, "metrics", "eval_state.json.tmp"))
   with open(os.path.join(work, "config.json"), encoding="utf-8") as f:
     assert json.load(f)["eval"]["num_samples"] != 7  # overrides never rewrite the run's config
+
+
+def test_a_result_in_eval_jsonl_counts_as_done_without_the_state_file(tmp_path):
+  """A watcher killed after writing a result but before saving eval_state.json must not
+  evaluate that suite again on restart (eval.jsonl is what users plot)."""
+  from tfusion import metrics
+  from tfusion.evaluate import job
+  workdir = str(tmp_path)
+  writer = metrics.MetricWriter(os.path.join(workdir, "metrics", "eval.jsonl"))
+  writer.write(3, {"ppl/held": 12.0}, suite="ppl")
+  writer.close()
+  assert job.load_done(workdir) == {3: {"ppl"}}
+  job._save_done(workdir, {6: {"ppl", "mc"}})
+  assert job.load_done(workdir) == {3: {"ppl"}, 6: {"ppl", "mc"}}

@@ -76,22 +76,29 @@ def write_report(config, workdir, p, final_step):
   ppl_final = last.get((final_step, "ppl"), {})
   loss_final, loss_zero = last.get((final_step, "loss"), {}), last.get((0, "loss"), {})
 
+  # Pictures of the suites that ran (--config.eval.suites may leave some out).
+  pictures = []
   # samples.png: one row per digit prompt.
   sample_file = os.path.join(run, "eval_samples", f"digits_step{final_step}.npz")
-  with np.load(sample_file) as s:
-    images, labels = s["images"], s["labels"]
-  per = min(int(np.sum(labels == 0)), config.demo.grid_per_digit)
-  grid = np.stack([images[labels == d][:per] for d in range(10)])
-  _save(output.labelled_grid(grid, [f'"{demo_data.eval_caption(d)}"' for d in range(10)]),
-        os.path.join(workdir, "samples.png"))
+  if os.path.exists(sample_file):
+    with np.load(sample_file) as s:
+      images, labels = s["images"], s["labels"]
+    per = min(int(np.sum(labels == 0)), config.demo.grid_per_digit)
+    grid = np.stack([images[labels == d][:per] for d in range(10)])
+    _save(output.labelled_grid(grid, [f'"{demo_data.eval_caption(d)}"' for d in range(10)]),
+          os.path.join(workdir, "samples.png"))
+    pictures.append("samples")
 
   # captions.png: held-out real digits and what the model says about them.
-  with open(os.path.join(run, "eval_samples", f"captions_step{final_step}.json")) as f:
-    caps = json.load(f)
-  _, _, hx, _ = demo_data.split()
-  n = min(24, len(caps["captions"]))
-  _save(captions_picture(demo_data.upscale(hx[:n]), caps["captions"][:n], caps["labels"][:n]),
-        os.path.join(workdir, "captions.png"))
+  captions_file = os.path.join(run, "eval_samples", f"captions_step{final_step}.json")
+  if os.path.exists(captions_file):
+    with open(captions_file) as f:
+      caps = json.load(f)
+    _, _, hx, _ = demo_data.split()
+    n = min(24, len(caps["captions"]))
+    _save(captions_picture(demo_data.upscale(hx[:n]), caps["captions"][:n], caps["labels"][:n]),
+          os.path.join(workdir, "captions.png"))
+    pictures.append("captions")
 
   # curves.png: training losses and the evaluations.
   train = metrics_lib.read_jsonl(os.path.join(run, "metrics", "train.jsonl"))
@@ -133,7 +140,7 @@ def write_report(config, workdir, p, final_step):
       "settings": digits_final.get("settings"),
   }
   _write_json(os.path.join(workdir, "report.json"), numbers)
-  _write_text(os.path.join(workdir, "report.md"), _markdown(config, numbers))
+  _write_text(os.path.join(workdir, "report.md"), _markdown(config, numbers, pictures))
   return numbers
 
 
@@ -152,7 +159,14 @@ def _fmt(x, spec=".3f"):
   return "n/a" if x is None else format(x, spec)
 
 
-def _markdown(config, n):
+_PICTURE_TEXT = {
+    "samples": "Generated for each prompt (one row per caption).",
+    "captions": "Held-out real digits with the captions the model wrote (green: names the "
+                "right digit).",
+}
+
+
+def _markdown(config, n, pictures):
   per_digit = " | ".join(_fmt(n["t2i_accuracy_per_digit"][w], ".2f") for w in demo_data.WORDS)
   s = n["settings"] or {}
   return f"""# tfusion demo report
@@ -176,13 +190,5 @@ Per digit (zero..nine): {per_digit}
 Sampling: {s.get('sampler', 'n/a')}, {s.get('steps', 'n/a')} steps, guidance scale
 {s.get('guidance_scale', 'n/a')}, {s.get('num_samples', 'n/a')} samples.
 
-![samples](samples.png)
-
-Generated for each prompt (one row per caption).
-
-![captions](captions.png)
-
-Held-out real digits with the captions the model wrote (green: names the right digit).
-
-![curves](curves.png)
-"""
+""" + "".join(f"![{name}]({name}.png)\n\n{_PICTURE_TEXT[name]}\n\n" for name in pictures) + \
+      "![curves](curves.png)\n"

@@ -103,12 +103,18 @@ def _state_path(workdir):
 
 
 def load_done(workdir):
-  """{step: set of suites} already evaluated."""
+  """{step: set of suites} already evaluated: eval_state.json, plus every (step, suite) that
+  eval.jsonl already holds (a watcher killed between writing a result and saving the state
+  must not evaluate that suite again)."""
   path = _state_path(workdir)
-  if not os.path.exists(path):
-    return {}
-  with open(path, encoding="utf-8") as f:
-    return {int(k): set(v) for k, v in json.load(f)["done"].items()}
+  done = {}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      done = {int(k): set(v) for k, v in json.load(f)["done"].items()}
+  for record in metrics_lib.read_jsonl(os.path.join(workdir, "metrics", "eval.jsonl")):
+    if "suite" in record:
+      done.setdefault(int(record["step"]), set()).add(record["suite"])
+  return done
 
 
 def _save_done(workdir, done):
