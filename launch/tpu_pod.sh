@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs tfusion-train on every host of a Cloud TPU pod slice (the same command on all workers;
-# jax.distributed.initialize() finds the other hosts from the TPU metadata).
+# on a TPU VM tfusion-train always calls jax.distributed.initialize(), which finds the other
+# hosts from the TPU metadata; one host makes a single process).
 #
 #   launch/tpu_pod.sh --tpu NAME --zone ZONE [--project P] [--dry-run] -- \
 #       --config experiments/configs/paper.py:0.37B --workdir /gcs/bucket/run1 [--config.key=value ...]

@@ -12,14 +12,25 @@
   `CheckpointStructureError` naming the paths that differ; nothing is moved. Only a
   checkpoint whose files are missing or unreadable is damaged: it is moved aside to
   `checkpoints/corrupt-<step>-<time>` with a warning naming it, and the previous one is used.
+  Several processes decide together: a step that any of them cannot read is damaged for all,
+  process 0 alone moves it, and all of them restore the same earlier step.
 * `mode="params_only"` (config.train.restore): a checkpoint whose optimizer state does not fit
   gives its params, step and data position; the caller starts a fresh optimizer state.
+* Data iterator states are per process: every process writes its own
+  `<step>/data_states/process_<i>-of-<n>.json` inside Orbax's temporary step directory, so
+  they are committed with the step or not at all; each process restores its own. A run with
+  another process count gets the saved state when every process saved the same one (e.g.
+  synthetic data: a step counter), else a one-line `DataStateMismatchError`. Checkpoints of
+  earlier versions (one `data` item written by process 0) still restore.
 """
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import time
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -30,6 +41,93 @@ CHECKPOINT_DIR = "checkpoints"
 
 def checkpoint_dir(workdir):
   return os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+
+
+DATA_ITEM = "data_states"
+LEGACY_DATA_ITEM = "data"  # one JSON item written by process 0 (earlier versions)
+_STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
+
+
+class DataStateMismatchError(ValueError):
+  """The checkpoint's per-process data states do not fit this run's processes (not damage)."""
+
+
+class DataStatesHandler(ocp.CheckpointHandler):
+  """Orbax handler: each process saves and restores its own data iterator state (JSON)."""
+
+  def save(self, directory, args):
+    i, n = jax.process_index(), jax.process_count()
+    path = os.path.join(os.fspath(directory), f"process_{i}-of-{n}.json")
+    # Orbax commits the whole step directory after every process returned from save; the
+    # rename only keeps a reader of this temporary directory from seeing a torn file.
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(args.state, f)
+    os.replace(path + ".tmp", path)
+
+  def restore(self, directory, args=None):
+    del args
+    return read_data_state(os.fspath(directory), where=os.fspath(directory))
+
+  def metadata(self, directory):
+    del directory
+    return None
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(DataStatesHandler, for_save=True)
+@dataclasses.dataclass
+class DataStatesSave(ocp.args.CheckpointArgs):
+  state: Any
+
+
+@ocp.args.register_with_handler(DataStatesHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStatesRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+def saved_process_counts(directory):
+  """{process count: {process index: file path}} of the data states in `directory`."""
+  out = {}
+  for name in sorted(os.listdir(directory)):
+    m = _STATE_FILE.match(name)
+    if m:
+      out.setdefault(int(m.group(2)), {})[int(m.group(1))] = os.path.join(directory, name)
+  return out
+
+
+def read_data_state(directory, *, where, process_index=None, process_count=None):
+  """This process's data iterator state from a `data_states` item directory.
+
+  Another process count: the state every process saved, if they all saved the same one;
+  else DataStateMismatchError (one line: what differs, what to do).
+  """
+  i = jax.process_index() if process_index is None else process_index
+  n = jax.process_count() if process_count is None else process_count
+  files = saved_process_counts(directory)
+  if i in files.get(n, {}):
+    with open(files[n][i], encoding="utf-8") as f:
+      return json.load(f)
+  if len(files) != 1:  # none, or several counts: not what a complete save leaves
+    raise FileNotFoundError(f"{directory}: no data state of process {i} of {n} "
+                            f"(found counts {sorted(files)})")
+  (saved_n, saved), = files.items()
+  if saved_n == n or len(saved) != saved_n:  # a file of this run's count is missing: damage
+    raise FileNotFoundError(f"{directory}: the data states of processes "
+                            f"{sorted(set(range(saved_n)) - set(saved))} of {saved_n} are missing")
+  states = []
+  for path in saved.values():
+    with open(path, encoding="utf-8") as f:
+      states.append(json.load(f))
+  if all(s == states[0] for s in states):  # e.g. synthetic data: one step counter
+    return states[0]
+  raise DataStateMismatchError(
+      f"checkpoint {where} holds the data iterator positions of {saved_n} processes (each "
+      f"reads its own record shard) but this run has {n}: the positions do not carry over; "
+      f"resume with {saved_n} processes (the same hosts and mesh), or start a new workdir "
+      "from these weights with --init_from (fresh data order)")
 
 
 class Checkpointer:
@@ -58,7 +156,7 @@ class Checkpointer:
     """Starts saving (async). Returns True if a save was started."""
     args = ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),  # PyTree*, not Standard*: partial restores too
-        data=ocp.args.JsonSave(data_state),
+        **{DATA_ITEM: DataStatesSave(data_state)},  # per process (see the module docstring)
         config=ocp.args.JsonSave(json.loads(config_json)))
     return self.manager.save(step, args=args, force=force)
 
@@ -82,28 +180,47 @@ class Checkpointer:
     mode="params_only", a checkpoint whose optimizer state differs yields a state without
     "opt_state" (params and step only). Raises CheckpointStructureError on any other
     difference; damaged checkpoints are set aside (see the module docstring).
+
+    Several processes agree on each step: process 0's list of steps is everyone's, and a
+    step any process cannot read (each reads its own array shards and data state) is damaged
+    for all of them; process 0 alone moves it aside, and all try the previous one.
     """
     _check_mode(mode)
-    for step in reversed(self.all_steps()):
+    steps = _same_on_all_processes(self.all_steps())
+    for step in reversed(steps):
+      restored, error, refusal = None, None, None
       try:
         stored = self.state_metadata(step)
       except Exception as e:  # noqa: BLE001 - metadata missing or unreadable: damaged
-        self._set_aside(step, e)
-        continue
-      wanted = self._fit(step, stored, abstract_state, mode)
-      try:
-        restored = self.restore(step, wanted, data=True)
-      except Exception as e:  # noqa: BLE001 - the tree fits, so the files are damaged
-        if _is_out_of_memory(e):
-          raise
-        self._set_aside(step, e)
+        error = e
+      else:
+        try:
+          wanted = self._fit(step, stored, abstract_state, mode)
+          restored = self.restore(step, wanted, data=True)
+        except (CheckpointStructureError, DataStateMismatchError) as e:
+          refusal = e  # another config or process count: not damage
+        except Exception as e:  # noqa: BLE001 - the tree fits, so the files are damaged
+          if _is_out_of_memory(e):
+            refusal = e
+          else:
+            error = e
+      codes = _gather_codes(2 if refusal else 1 if error else 0)
+      if max(codes) == 2:
+        if refusal is not None:
+          raise refusal
+        raise RuntimeError(f"process {codes.index(2)} cannot restore {self.directory}/{step} "
+                           "(see its log)")
+      if max(codes) == 1:
+        self._set_aside(step, error or RuntimeError(
+            f"unreadable on process(es) {[i for i, c in enumerate(codes) if c]}"))
         continue
       return step, restored["state"], restored["data"]
     return None
 
   def check_newest(self, abstract_state, *, mode="auto"):
     """Read-only: raises CheckpointStructureError if the newest checkpoint whose tree reads
-    does not fit `abstract_state` (so a job refuses before it writes anything)."""
+    does not fit `abstract_state`, DataStateMismatchError if its data states do not fit this
+    run's processes (so a job refuses before it writes anything)."""
     _check_mode(mode)
     for step in reversed(self.all_steps()):
       try:
@@ -111,6 +228,7 @@ class Checkpointer:
       except Exception:  # noqa: BLE001 - damaged: restore_latest deals with it
         continue
       self._fit(step, stored, abstract_state, mode)
+      self.check_data_states(step)
       return
 
   def _fit(self, step, stored, abstract_state, mode):
@@ -128,9 +246,32 @@ class Checkpointer:
         item=abstract_state,
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
         partial_restore=set(abstract_state) != {"params", "opt_state", "step"})}
-    if data:
-      args["data"] = ocp.args.JsonRestore()
-    return self.manager.restore(step, args=ocp.args.Composite(**args))
+    legacy = data and not os.path.isdir(os.path.join(self.directory, str(step), DATA_ITEM))
+    if data and legacy:
+      args[LEGACY_DATA_ITEM] = ocp.args.JsonRestore()
+    elif data:
+      args[DATA_ITEM] = DataStatesRestore()
+    # The handler, not the manager: the manager's restore ends in a barrier that a process
+    # whose read failed never reaches (restore_latest's vote is the barrier instead).
+    handler = ocp.CompositeCheckpointHandler()
+    try:
+      restored = dict(handler.restore(epath.Path(self.directory) / str(step),
+                                      ocp.args.Composite(**args)))
+    finally:
+      handler.close()
+    if data and not legacy:
+      restored["data"] = restored.pop(DATA_ITEM)
+    return restored
+
+  def check_data_states(self, step):
+    """Raises DataStateMismatchError if `step`'s data states do not fit this run's processes
+    (read-only, before a job writes anything). Damage is left to restore_latest."""
+    directory = os.path.join(self.directory, str(step), DATA_ITEM)
+    try:
+      read_data_state(directory, where=os.path.join(self.directory, str(step)))
+    except (OSError, ValueError) as e:
+      if isinstance(e, DataStateMismatchError):
+        raise
 
   def _set_aside(self, step, error):
     src = os.path.join(self.directory, str(step))
@@ -139,11 +280,34 @@ class Checkpointer:
                     "previous one", src, type(error).__name__, str(error)[:300], dst)
     if jax.process_index() == 0 and os.path.exists(src):
       os.rename(src, dst)
+    if jax.process_count() > 1:  # nobody lists the directory before the move
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"tfusion:set-aside-{step}")
     self.manager.reload()
 
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _same_on_all_processes(steps):
+  """Process 0's list of steps, on every process (listings may race a move)."""
+  if jax.process_count() == 1:
+    return steps
+  import numpy as np
+  from jax.experimental import multihost_utils
+  n = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+  mine = np.asarray(steps if jax.process_index() == 0 else [0] * n, np.int32).reshape(n)
+  return [int(x) for x in multihost_utils.broadcast_one_to_all(mine)] if n else []
+
+
+def _gather_codes(code):
+  """[code of process 0, of process 1, ...]: 0 restored, 1 damaged, 2 refused."""
+  if jax.process_count() == 1:
+    return [code]
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return [int(c) for c in np.asarray(multihost_utils.process_allgather(np.int32(code))).ravel()]
 
 
 def _check_mode(mode):

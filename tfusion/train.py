@@ -8,7 +8,14 @@ step are dropped (they are redone). A checkpoint of another optimizer setting is
 naming what differs (config.train.restore=params_only keeps its params); only damaged ones are
 set aside (tfusion/checkpoint.py). SIGTERM (preemption) and Ctrl-C save a checkpoint at the
 current step and exit cleanly (exit status config.train.preempted_exit_code after SIGTERM); a
-second Ctrl-C aborts at once. `--init_from W1[:STEP]` forks another run (tfusion/fork.py).
+second Ctrl-C aborts at once. On several hosts a signal that reaches any one of them stops all
+of them after the same step (_StopVote), and they save that step together.
+`--init_from W1[:STEP]` forks another run (tfusion/fork.py).
+
+Several processes: `distributed_setup` decides from the flags and the environment (SLURM,
+GKE / multislice TPU variables, any Cloud TPU VM) whether and how to call
+jax.distributed.initialize(); each process keeps its own data iterator state in the
+checkpoints.
 
 Before its first write the job takes W/LOCK (tfusion/workdir_lock.py): a second trainer on a
 live workdir refuses. Workdir: checkpoints/, config.json (resolved config, a fork's lineage),
@@ -27,6 +34,8 @@ from typing import Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tfusion import batch as batch_lib
 from tfusion import checkpoint as checkpoint_lib
@@ -156,6 +165,36 @@ class _StopSignals:
     else:
       logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting")
       self.reason = self.reason or "preempted"
+
+
+class _StopVote:
+  """Multi-host stops: every host learns, one step late, whether any host was asked to stop.
+
+  A SIGTERM or Ctrl-C reaches one host; if it stopped alone, the others would wait forever in
+  the next step's collectives. After dispatching each step, each host's request (0 none,
+  1 Ctrl-C, 2 SIGTERM) goes through a tiny max over all devices, and the previous step's
+  result is read where the loop already waits for that step (its finiteness check), so the
+  device never idles for it. Every host reads the same values at the same steps, so all stop
+  after the same step (and save that step together).
+  """
+
+  CODES = {None: 0, "interrupted": 1, "preempted": 2}
+
+  def __init__(self, mesh):
+    self._sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+    self._shape = (mesh.devices.size,)
+    self._local = len(mesh.local_devices)
+    self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+  def vote(self, reason):
+    """Starts the max over hosts of `reason` (async); read it with `agreed`."""
+    local = np.full((self._local,), self.CODES[reason], np.int32)
+    return self._max(jax.make_array_from_process_local_data(self._sharding, local, self._shape))
+
+  @classmethod
+  def agreed(cls, voted):
+    """The reason every host stops for (None: go on); waits for the vote's step."""
+    return {code: reason for reason, code in cls.CODES.items()}[int(jax.device_get(voted))]
 
 
 def threading_is_main():
@@ -342,15 +381,24 @@ def _train(config, workdir, mesh, shardings, data_iter, parent, lineage, on_log)
   window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
   loop_start, step, last = time.perf_counter(), start, {}
   stop_reason = "done"
+  # Several hosts stop together (_StopVote, or Orbax's preemption sync point); one alone
+  # reads its own signals at each step.
+  vote = _StopVote(mesh) if jax.process_count() > 1 else None
+  voted, agreed = None, None
   _print(f"training {config.model.num_layers}x{config.model.d_model} "
          f"({train_state.param_count(state) / 1e6:.2f}M params) on {mesh.devices.size} devices "
          f"mesh {dict(mesh.shape)}, steps {start}->{total}, workdir {workdir}")
   try:
     for step in range(start, total):
-      preempted = signals.reason is not None or (
-          jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
-      if preempted:
-        stop_reason = signals.reason or "preempted"
+      if vote is None:
+        agreed = signals.reason
+      elif agreed is None and ckpt.manager.reached_preemption(step):
+        agreed = "preempted"  # a preemption notice every host agreed on for this step
+      if agreed is not None:
+        stop_reason = agreed
+        if vote is not None:
+          logging.warning("stop requested (%s) on some host: every host saves step %d and "
+                          "stops", agreed, step)
         break
       local = next(data_iter)
       if config.train.validate_batches:
@@ -362,6 +410,10 @@ def _train(config, workdir, mesh, shardings, data_iter, parent, lineage, on_log)
       batch = sharding.global_batch_from_local(mesh, local, config.data.batch_size)
       state, out = step_fn(state, batch)
       window_steps += 1
+      if vote is not None:  # read one step late: waits only for the step before this one
+        previous, voted = voted, vote.vote(signals.reason)
+        if previous is not None:
+          agreed = _StopVote.agreed(previous)
       # Check the previous step's finiteness now: the device runs ahead by one step.
       if pending is not None:
         nonfinite_run, skipped = _count_nonfinite(pending, nonfinite_run, skipped, step - 1, config)
@@ -446,15 +498,82 @@ def _print(message):
 # ----------------------------------------------------------------------------------- CLI
 
 
+class DistributedSetupError(ValueError):
+  """The environment asks for several processes but does not say how to connect them."""
+
+
+_HELP = ("pass --coordinator_address=HOST0:PORT --num_processes=N --process_id=I (or set "
+         "JAX_COORDINATOR_ADDRESS and pass the other two), or --num_processes=1 for one process")
+
+
+def distributed_setup(env, *, coordinator_address=None, num_processes=None, process_id=None,
+                      tpu_chips=0):
+  """How this process joins the others: -> (why, jax.distributed.initialize kwargs) or None.
+
+  A pure function of the environment `env` (os.environ), the flags and the number of local
+  TPU chips, in this order: explicit flags (--num_processes=1 alone: one process, nothing
+  detected); JAX_COORDINATOR_ADDRESS; SLURM with more than one task (run through srun);
+  GKE / multislice TPU variables (TPU_WORKER_HOSTNAMES or TPU_PROCESS_ADDRESSES with several
+  hosts, MEGASCALE_*); and any Cloud TPU VM (TPU chips on this machine, metadata server not
+  switched off): jax finds the pod's hosts from the metadata (one host: one process). Raises
+  DistributedSetupError (one line saying what to set) when the flags are incomplete or a
+  SLURM job of several tasks was not started through srun.
+  """
+  given = [v is not None for v in (num_processes, process_id)]
+  if coordinator_address:
+    if not all(given):
+      raise DistributedSetupError(f"--coordinator_address needs --num_processes and "
+                                  f"--process_id; {_HELP}")
+    return "flags", dict(coordinator_address=coordinator_address,
+                         num_processes=num_processes, process_id=process_id)
+  if num_processes == 1 and process_id in (None, 0):
+    return None
+  if any(given) and not (all(given) and env.get("JAX_COORDINATOR_ADDRESS")):
+    raise DistributedSetupError(f"--num_processes / --process_id without a coordinator; {_HELP}")
+  if env.get("JAX_COORDINATOR_ADDRESS"):  # jax reads it; the flags may give the rest
+    return "JAX_COORDINATOR_ADDRESS", (
+        dict(num_processes=num_processes, process_id=process_id) if all(given) else {})
+  tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+  if env.get("SLURM_JOB_ID") and tasks > 1:
+    missing = [k for k in ("SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+               if k not in env]
+    if missing:
+      raise DistributedSetupError(
+          f"SLURM job of {tasks} tasks but {', '.join(missing)} unset: start tfusion-train "
+          f"through srun (launch/slurm.sbatch does), or {_HELP}")
+    return "SLURM", {}
+  hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+  if "," in hosts or int(env.get("MEGASCALE_NUM_SLICES") or 1) > 1 or env.get(
+      "MEGASCALE_COORDINATOR_ADDRESS"):
+    return "TPU pod (GKE / multislice environment)", {}
+  if tpu_chips > 0 and env.get("TPU_SKIP_MDS_QUERY") is None:
+    return "Cloud TPU VM", {}
+  return None
+
+
+def _local_tpu_chips():
+  """TPU chips on this machine's PCI bus (no backend started); 0 where that cannot be read."""
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    return int(hardware_utils.num_available_tpu_chips_and_device_id()[0])
+  except Exception:  # noqa: BLE001 - a private helper: its absence means "not known"
+    return 0
+
+
 def _maybe_initialize_distributed(flags_values):
-  """jax.distributed.initialize from flags, or from the environment on SLURM / TPU pods."""
-  if flags_values.coordinator_address:
-    jax.distributed.initialize(coordinator_address=flags_values.coordinator_address,
-                               num_processes=flags_values.num_processes,
-                               process_id=flags_values.process_id)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get(
-      "TPU_WORKER_HOSTNAMES", ""):
-    jax.distributed.initialize()  # cluster auto-detection (SLURM, Cloud TPU)
+  """jax.distributed.initialize from the flags or the environment (distributed_setup)."""
+  setup = distributed_setup(os.environ, coordinator_address=flags_values.coordinator_address,
+                            num_processes=flags_values.num_processes,
+                            process_id=flags_values.process_id, tpu_chips=_local_tpu_chips())
+  if setup is None:
+    return
+  why, kwargs = setup
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise DistributedSetupError(f"multi-process start ({why}) failed: {first}; {_HELP}") from None
+  logging.info("process %d of %d (%s)", jax.process_index(), jax.process_count(), why)
 
 
 def main():
@@ -478,7 +597,11 @@ def main():
   def run(argv):
     del argv
     logs.setup_console()  # our lines on stderr (W/logs/ once the run owns W); absl quiet
-    _maybe_initialize_distributed(flags.FLAGS)
+    try:
+      _maybe_initialize_distributed(flags.FLAGS)
+    except DistributedSetupError as e:
+      print(f"tfusion-train: error: {e}", file=sys.stderr)
+      sys.exit(2)
     try:
       # Relative data/tokenizer/VAE/eval paths are stored absolute in W/config.json.
       out = train_and_evaluate(configlib.absolute_paths(flags.FLAGS.config), flags.FLAGS.workdir,
