@@ -72,11 +72,9 @@ MUTANTS = (
            'self._intra = "bidirectional"',
            ("tests/test_generate.py", "-k", "intra_image")),
     Mutant("9 restore picks the oldest checkpoint", "tfusion/checkpoint.py",
-           # restore_latest's loop (check_newest has one like it, without `as e`)
-           "for step in reversed(self.all_steps()):\n      try:\n"
-           "        stored = self.state_metadata(step)\n      except Exception as e:",
-           "for step in self.all_steps():\n      try:\n"
-           "        stored = self.state_metadata(step)\n      except Exception as e:",
+           # restore_latest's loop over the steps all processes agreed on
+           "for step in reversed(steps):",
+           "for step in steps:",
            ("tests/test_resume.py", "-k", "grain")),
 )
 
