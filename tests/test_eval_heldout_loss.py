@@ -6,20 +6,13 @@ import pytest
 
 import train_utils
 from tfusion import checkpoint, train, train_state
-from tfusion.data import records, samples
 from tfusion.evaluate import heldout_loss, suites
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   root = tmp_path_factory.mktemp("lossrun")
-  samples.sample_tokenizer(str(root), vocab_size=400)
-  records.write_records(str(root / "text.array_record"), [
-      records.text_record(t) for _, t in samples.pydoc_topics()[:20]])
-  rng = np.random.default_rng(0)
-  records.write_records(str(root / "pairs.array_record"), [
-      records.image_caption_record(rng.standard_normal((4, 4, 4)).astype(np.float32),
-                                   f"picture number {i}") for i in range(12)])
+  train_utils.grain_data(root)  # tokenizer, text and image-caption records
   config = train_utils.tiny_config(**{"train.steps": 4, "checkpoint.every_steps": 2,
                                       "checkpoint.keep": 10, "model.vocab_size": 512,
                                       "data.tokenizer": str(root / "tokenizer.model"),

@@ -1,7 +1,6 @@
 """The training job: recovery from a corrupted checkpoint, resharding, non-finite steps, and
 starts that must fail before touching the workdir."""
 
-import hashlib
 import os
 
 import jax
@@ -10,18 +9,6 @@ import pytest
 
 import train_utils
 from tfusion import checkpoint, sharding, train
-
-
-def _tree_digest(path):
-  digest = hashlib.sha256()
-  for root, dirs, files in sorted(os.walk(path)):
-    dirs.sort()
-    for name in sorted(files):
-      full = os.path.join(root, name)
-      digest.update(full.encode())
-      with open(full, "rb") as f:
-        digest.update(f.read())
-  return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +112,11 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
 def test_incompatible_checkpoint_stops_before_touching_the_workdir(trained):
   workdir, config = trained
-  before = _tree_digest(workdir)
+  before = train_utils.tree_digest(workdir)
   config.model.d_model = 48
   with pytest.raises(train.ConfigMismatchError, match="config.model.d_model: checkpoint has 32"):
     train.train_and_evaluate(config, workdir)
-  assert _tree_digest(workdir) == before
+  assert train_utils.tree_digest(workdir) == before
 
 
 def test_impossible_mesh_stops_before_creating_anything(tmp_path):
