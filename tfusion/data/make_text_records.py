@@ -19,7 +19,6 @@ Then train with --config.data.text=OUT.
 """
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -33,23 +32,10 @@ EXAMPLES_PER_REASON = 3
 
 def input_files(spec):
   """Comma-separated files, directories or globs -> sorted input files (error names a part)."""
-  files = []
-  for part in [p.strip() for p in spec.split(",") if p.strip()]:
-    part = os.path.expanduser(part)
-    if os.path.isdir(part):
-      found = sorted(os.path.join(part, f) for f in os.listdir(part) if f.endswith(FORMATS))
-    elif any(c in part for c in "*?["):
-      found = sorted(f for f in glob.glob(part) if os.path.isfile(f))
-    else:
-      found = [part] if os.path.isfile(part) else []
-    if not found:
-      raise FileNotFoundError(f"--input {part!r} matches no file ({', '.join(FORMATS)})")
-    for f in found:
-      if not f.endswith(FORMATS):
-        raise ValueError(f"--input {f}: unknown format (expected {', '.join(FORMATS)})")
-    files.extend(found)
-  if not files:
-    raise FileNotFoundError("--input is empty")
+  files = records_lib.resolve_paths(spec, "--input", extensions=FORMATS, what="file")
+  for f in files:
+    if not f.endswith(FORMATS):
+      raise ValueError(f"--input {f}: unknown format (expected {', '.join(FORMATS)})")
   return files
 
 

@@ -332,26 +332,28 @@ def write_records(path, records, options="group_size:1"):
   return w.count
 
 
-def resolve_paths(spec, key="paths"):
-  """Comma-separated files, directories (their *.array_record) or glob patterns -> sorted files.
+def resolve_paths(spec, key="paths", *, extensions=(EXTENSION,), what="ArrayRecord file"):
+  """Comma-separated files, directories (their files ending in `extensions`) or glob patterns
+  -> sorted files.
 
-  Raises FileNotFoundError naming `key` and the part that matched nothing.
+  Raises FileNotFoundError naming `key` and the part that matched nothing (`what` names the
+  kind of file expected).
   """
   parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
   parts = [p for p in parts if p]
   if not parts:
-    raise FileNotFoundError(f"{key} is empty: give ArrayRecord files, directories or globs")
+    raise FileNotFoundError(f"{key} is empty: give {what}s, directories or globs")
   files = []
   for part in parts:
     part = os.path.expanduser(part)
     if os.path.isdir(part):
-      found = sorted(glob.glob(os.path.join(part, "*" + EXTENSION)))
+      found = sorted(f for ext in extensions for f in glob.glob(os.path.join(part, "*" + ext)))
     elif any(c in part for c in "*?["):
       found = sorted(f for f in glob.glob(part) if os.path.isfile(f))
     else:
       found = [part] if os.path.isfile(part) else []
     if not found:
-      raise FileNotFoundError(f"{key}: {part!r} matches no ArrayRecord file")
+      raise FileNotFoundError(f"{key}: {part!r} matches no {what} ({', '.join(extensions)})")
     files.extend(found)
   return files
 
