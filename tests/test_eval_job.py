@@ -92,6 +92,7 @@ def test_every_suite_runs_once_per_checkpoint(run_dir):
   by = {(r["step"], r["suite"]): r for r in lines}
   assert 0 <= by[(4, "clip")]["clip_score"] <= 100  # the score itself: test_eval_clip.py
   assert by[(4, "clip")]["settings"]["guidance_scale"] == 5.0
+  assert all(r["settings"]["weights"] == "raw" for r in lines)  # this run kept no EMA
   for step in (2, 4):
     want = _expected_caption_scores(workdir, config, step)
     assert by[(step, "caption")]["cider"] == pytest.approx(want["cider"], abs=1e-9)

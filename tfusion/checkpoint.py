@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
+EMA_KEY = "ema_params"  # tfusion/ema.py (not imported: this module stays free of the model)
 
 
 def checkpoint_dir(workdir):
@@ -232,12 +233,20 @@ class Checkpointer:
       return
 
   def _fit(self, step, stored, abstract_state, mode):
-    """The subtree to restore from `stored`; raises CheckpointStructureError if none fits."""
-    diffs = tree_differences(stored, abstract_state)
+    """The subtree to restore from `stored`; raises CheckpointStructureError if none fits.
+
+    EMA weights are optional on both sides (switched on or off at a resume): a checkpoint
+    without them restores the rest (the caller starts the average from the params), one with
+    them into a config without leaves them out."""
+    wanted = dict(abstract_state)
+    if (EMA_KEY in stored) != (EMA_KEY in abstract_state):
+      wanted.pop(EMA_KEY, None)
+      stored = {k: v for k, v in stored.items() if k != EMA_KEY}
+    diffs = tree_differences(stored, wanted)
     if not diffs:
-      return abstract_state
+      return wanted
     if mode == "params_only" and all(d.startswith("opt_state") for d in diffs):
-      return {"params": abstract_state["params"], "step": abstract_state["step"]}
+      return {k: v for k, v in wanted.items() if k != "opt_state"}
     raise CheckpointStructureError(self.directory, step, diffs)
 
   def restore(self, step, abstract_state, *, data=False):
@@ -245,7 +254,7 @@ class Checkpointer:
     args = {"state": ocp.args.PyTreeRestore(
         item=abstract_state,
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
-        partial_restore=set(abstract_state) != {"params", "opt_state", "step"})}
+        partial_restore=True)}  # the structure was checked (_fit): a subtree is on purpose
     legacy = data and not os.path.isdir(os.path.join(self.directory, str(step), DATA_ITEM))
     if data and legacy:
       args[LEGACY_DATA_ITEM] = ocp.args.JsonRestore()
@@ -319,6 +328,10 @@ def _is_out_of_memory(error):
   return "RESOURCE_EXHAUSTED" in str(error) or isinstance(error, MemoryError)
 
 
+class NoEMAWeightsError(ValueError):
+  """EMA weights were asked for and the checkpoint has none (its run kept no average)."""
+
+
 class CheckpointStructureError(ValueError):
   """The checkpoint's train state has another structure than the config's (not damage)."""
 
@@ -385,12 +398,14 @@ def _show(sig):
   return sig if sig == "empty" else f"shape {list(sig)}"
 
 
-def restore_params(workdir, step=None, mesh=None):
+def restore_params(workdir, step=None, mesh=None, weights="auto", *, with_source=False):
   """Params only, for eval/generate jobs: -> (params, config ConfigDict, step).
 
   Restores onto `mesh` with the model's logical shardings (default: a mesh over all local
   devices with data parallelism only, i.e. replicated params). Only complete checkpoints are
-  seen; `step=None` takes the newest.
+  seen; `step=None` takes the newest. weights: "auto" (the EMA weights when the checkpoint
+  has them, else the params), "ema" (an error when it has none) or "raw". with_source=True
+  appends which ones were restored ("ema" or "raw") to the returned tuple.
   """
   import ml_collections
   from tfusion import train_state
@@ -407,6 +422,15 @@ def restore_params(workdir, step=None, mesh=None):
   if mesh is None:
     from tfusion import sharding
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  from tfusion import ema
+  ema.check_weights(weights, "weights")
+  has_ema = EMA_KEY in ckpt.state_metadata(step)
+  if weights == "ema" and not has_ema:
+    raise NoEMAWeightsError(f"checkpoint {ckpt.directory}/{step} has no EMA weights (its run had "
+                     "config.train.ema_decay=0); use weights 'raw' or 'auto'")
+  source = "ema" if has_ema and weights != "raw" else "raw"
+  key = EMA_KEY if source == "ema" else "params"
   abstract = train_state.abstract_state(config, mesh)
-  restored = ckpt.restore(step, {"params": abstract["params"]})
-  return restored["state"]["params"], config, step
+  restored = ckpt.restore(step, {key: abstract["params"]})
+  params = restored["state"][key]
+  return (params, config, step, source) if with_source else (params, config, step)

@@ -101,6 +101,8 @@ def eval_config():
   e.threshold_percentile = 0.0
   e.timestep_spacing = ""  # linspace | leading | trailing
   e.guidance_scale = 5.0  # the paper: 5 (main results), 3 (ablations)
+  # Which weights of a checkpoint: auto (its EMA when it has one, else the params) | ema | raw.
+  e.weights = "auto"
   e.fid_weights = ""  # Inception .npz (tfusion-convert-inception)
   e.fid_reference = ""  # folder of real images; statistics cached in W/eval_cache
   e.clip_weights = ""  # CLIP .npz (tfusion-convert-clip)
@@ -192,6 +194,9 @@ def base_config():
   # Exit status after a preemption (SIGTERM) saved its checkpoint: 0, or e.g. 75 (EX_TEMPFAIL)
   # so a launcher can requeue (launch/slurm.sbatch does).
   c.train.preempted_exit_code = 0
+  # Exponential moving average of the params (tfusion/ema.py), used by eval/generate when
+  # present. 0 = off (the paper does not mention one); e.g. 0.999 for runs of >= 10k steps.
+  c.train.ema_decay = 0.0
 
   c.eval = eval_config()
 

@@ -8,6 +8,8 @@ checkpoint STEP (default: its newest)
                schedule(step + config.optim.schedule_offset), as for `params`;
 * all:         parameters, optimizer state, step and data iterator position (an exact
                continuation, in another workdir, with another config where it allows).
+With params+opt and all, the parent's EMA weights (tfusion/ema.py) come along when both runs
+keep one; otherwise a fork's EMA starts from its first params.
 The parent is opened read-only and never written to. The lineage (parent workdir, step, what
 was taken, config keys that differ from the parent's) goes into W2/config.json under
 "lineage", into every checkpoint's stored config, and into the first log lines.
@@ -107,6 +109,7 @@ class Parent:
                               f"{self.ckpt.directory} (have {steps})")
     self.step = steps[-1] if step is None else step
     self.config = self.ckpt.restore_config(self.step)
+    self.has_ema = checkpoint_lib.EMA_KEY in self.ckpt.state_metadata(self.step)
 
   def lineage(self, config):
     current = json.loads(config.to_json_best_effort())
@@ -122,6 +125,8 @@ class Parent:
       wanted["opt_state"] = abstract["opt_state"]
     if self.init_what == "all":
       wanted["step"] = abstract["step"]
+    if self.init_what != "params" and self.has_ema and checkpoint_lib.EMA_KEY in abstract:
+      wanted[checkpoint_lib.EMA_KEY] = abstract[checkpoint_lib.EMA_KEY]  # part of training state
     diffs = [d for d in checkpoint_lib.tree_differences(
         self.ckpt.state_metadata(self.step), abstract) if d.split("/")[0] in wanted]
     if diffs:  # e.g. params+opt across another optimizer setting
@@ -137,8 +142,8 @@ class Parent:
       return with_fresh_optimizer(config, shardings, state["params"], 0), None, 0
     if self.init_what == "params+opt":
       step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
-      return ({"params": state["params"], "opt_state": set_schedule_count(state["opt_state"], 0),
-               "step": step}, None, 0)
+      return (dict(state, opt_state=set_schedule_count(state["opt_state"], 0), step=step),
+              None, 0)
     return state, restored["data"], self.step
 
   def close(self):

@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tfusion import batch as batch_lib
 from tfusion import checkpoint as checkpoint_lib
 from tfusion import diffusion, flops, logs, losses, metrics as metrics_lib, optim, sharding, train_state
-from tfusion import workdir_lock
+from tfusion import ema, workdir_lock
 from tfusion.model import attention
 
 
@@ -87,6 +87,9 @@ def make_train_step(config, mesh, shardings):
     new_state = {"params": keep(params, state["params"]),
                  "opt_state": keep(opt_state, state["opt_state"]),
                  "step": state["step"] + 1}
+    if ema.KEY in state:
+      averaged = ema.update(state[ema.KEY], params, config.train.ema_decay, state["step"])
+      new_state[ema.KEY] = keep(averaged, state[ema.KEY])
     # Attention pairs the mask allows: model FLOPs for the MFU (skipped blocks never count).
     attn_pairs = attention.allowed_pairs(batch["segment_ids"], batch["image_index"],
                                          intra_image=config.model.intra_image)
@@ -303,21 +306,43 @@ def _restore_or_init(config, ckpt, mesh, shardings, data_iter, parent):
     restored = ckpt.restore_latest(abstract, mode=config.train.restore)
   if restored is not None:
     start, state, data_state = restored
+    state = _match_ema(config, state, shardings, f"checkpoint {ckpt.directory}/{start}",
+                       checkpoint_lib.EMA_KEY in ckpt.state_metadata(start))
     if "opt_state" not in state:
       logging.warning("checkpoint %s/%d: its optimizer state does not fit this config; "
                       "config.train.restore=params_only: restored params, step and data "
                       "position, with a fresh optimizer state", ckpt.directory, start)
       from tfusion import fork
-      state = fork.with_fresh_optimizer(config, shardings, state["params"], start)
+      state = dict(state, **fork.with_fresh_optimizer(config, shardings, state["params"], start))
     data_iter.set_state(data_state)
     logging.info("resumed from %s/%d", ckpt.directory, start)
     return start, state
   if parent is not None:
     state, data_state, start = parent.init_state(config, abstract, shardings)
+    state = _match_ema(config, state, shardings, f"--init_from {parent.workdir}",
+                       parent.has_ema)
     if data_state is not None:
       data_iter.set_state(data_state)
     return start, state
   return 0, train_state.init_state(config, mesh, jax.random.PRNGKey(config.seed))
+
+
+def _match_ema(config, state, shardings, where, stored_has_ema):
+  """Adds or drops the EMA weights so that the state has them iff config.train.ema_decay > 0.
+
+  `state` was restored without them when only one side has them (checkpoint._fit)."""
+  if ema.enabled(config) and ema.KEY not in state:
+    if stored_has_ema:
+      logging.info("%s: the EMA starts from the params (init_what takes no EMA)", where)
+    else:
+      logging.warning("%s has no EMA weights: config.train.ema_decay=%g starts the average "
+                      "from its params", where, config.train.ema_decay)
+    state = dict(state, **{ema.KEY: jax.jit(ema.init, out_shardings=shardings[ema.KEY])(
+        state["params"])})
+  elif not ema.enabled(config) and stored_has_ema:
+    logging.warning("%s has EMA weights but config.train.ema_decay=0: they are not restored "
+                    "and later checkpoints of this run have none", where)
+  return state
 
 
 def _config_json(config, lineage):

@@ -1,4 +1,7 @@
-"""The train state {params, opt_state, step} and its shardings, created directly sharded.
+"""The train state {params, opt_state, step[, ema_params]} and its shardings, created sharded.
+
+`ema_params` (an exponential moving average of the params, tfusion/ema.py) is present only
+when config.train.ema_decay > 0; it is sharded like the params.
 
 Parameter shardings come from the logical axis names in the model and the table in
 tfusion/sharding.py; optimizer moments follow their parameters. Initialising under jit with
@@ -10,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tfusion import optim, sharding
+from tfusion import ema, optim, sharding
 from tfusion.model import transfusion
 
 
@@ -36,7 +39,10 @@ def _init_fn(config):
 
   def init(rng):
     params = nn.meta.unbox(model.init(rng, *dummy_inputs(config.model)))
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    if ema.enabled(config):
+      state[ema.KEY] = ema.init(params)
+    return state
 
   return init
 
@@ -68,7 +74,10 @@ def state_shardings(config, mesh):
     return replicated
 
   opt_shardings = jax.tree.map_with_path(opt_sharding, abstract_opt)
-  return {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+  out = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+  if ema.enabled(config):
+    out[ema.KEY] = param_shardings
+  return out
 
 
 def _path_key(path):

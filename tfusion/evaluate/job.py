@@ -22,6 +22,7 @@ import sys
 import time
 
 from tfusion import checkpoint as checkpoint_lib
+from tfusion import ema
 from tfusion import flops, metrics as metrics_lib
 from tfusion.evaluate import suites as suites_lib
 
@@ -145,8 +146,13 @@ def evaluate_checkpoint(workdir, step, suites, *, config=None, done=None, writer
   from tfusion import sharding, train_state
 
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  weights = config.eval.get("weights", "auto") if config is not None else "auto"
+  ema.check_weights(weights)
   try:
-    params, stored, _ = checkpoint_lib.restore_params(workdir, step, mesh=mesh)
+    params, stored, _, source = checkpoint_lib.restore_params(workdir, step, mesh=mesh,
+                                                              weights=weights, with_source=True)
+  except checkpoint_lib.NoEMAWeightsError as e:  # config.eval.weights=ema: not damage
+    raise checkpoint_lib.NoEMAWeightsError(f"config.eval.weights=ema: {e}") from None
   except Exception as e:  # noqa: BLE001 - Orbax raises many kinds for missing/corrupt files
     where = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step))
     raise DamagedCheckpointError(f"checkpoint {where} cannot be restored "
@@ -154,6 +160,7 @@ def evaluate_checkpoint(workdir, step, suites, *, config=None, done=None, writer
   cfg = _with_eval_overrides(stored, config)
   check_inputs(cfg, suites)
   ctx = suites_lib.EvalContext(cfg, params, step, workdir)
+  ctx.settings["weights"] = source  # recorded with every result: ema or raw
   train_flops = step * flops.train_flops_per_step(cfg, train_state.param_count(params))
   return run_suites(ctx, suites, train_flops=train_flops, done=done, writer=writer, log=log)
 

@@ -50,6 +50,8 @@ def parse_args(argv):
   p.add_argument("--timestep_spacing", default=None,
                  help="ddpm/ddim: linspace | leading | trailing (default "
                  "config.diffusion.timestep_spacing)")
+  p.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
+                 help="auto: the checkpoint's EMA weights when it has them, else its params")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the paper)")
   p.add_argument("--top_p", type=float, default=1.0)
@@ -132,7 +134,11 @@ def run(args):
 
   # One device: params replicated on every device would make every device do the same work.
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  params, config, step = checkpoint.restore_params(args.workdir, args.step, mesh=mesh)
+  try:
+    params, config, step, source = checkpoint.restore_params(
+        args.workdir, args.step, mesh=mesh, weights=args.weights, with_source=True)
+  except checkpoint.NoEMAWeightsError as e:
+    raise SystemExit(f"tfusion-generate: error: --weights ema: {e}") from None
   tok = _load_tokenizer(args, config)
   gen = engine.Generator(config, params, engine.SpecialTokens.from_tokenizer(tok),
                          fast_compile=args.fast_compile)
@@ -151,13 +157,14 @@ def run(args):
                             sampling)
     else:
       gen.check_text_to_image(prompts, args.sampler, args.steps, args.clip_x0, sampling)
-    wrote["settings"] = gen.sampling_settings(args.sampler, args.steps, args.clip_x0, sampling)
+    wrote["settings"] = dict(gen.sampling_settings(args.sampler, args.steps, args.clip_x0,
+                                                   sampling), weights=source)
   needs_vae = args.caption is not None or (not args.text and (args.out or args.images_dir))
   vae = _load_vae(_vae_path(args, config), config) if needs_vae else None
   # Every prompt --num times, one seeded key per row (all modes but --caption).
   rows_prompts = [p for p in prompts for _ in range(args.num)]
   row_keys = engine.sample_keys(args.seed, len(rows_prompts))
-  print(f"checkpoint {args.workdir} step {step}; {config.model.num_layers}x"
+  print(f"checkpoint {args.workdir} step {step} ({source} weights); {config.model.num_layers}x"
         f"{config.model.d_model} model, {config.diffusion.objective} objective", flush=True)
   start = time.perf_counter()
 
