@@ -173,3 +173,46 @@ def test_fid_suite_with_random_inception_weights(run_dir, tmp_path):
   results = job.evaluate_checkpoint(workdir, 4, ["fid"], config=config, log=lambda s: None)
   assert np.isfinite(results["fid"]["fid"]) and results["fid"]["fid"] >= 0
   assert any(f.startswith("fid_stats_") for f in os.listdir(os.path.join(workdir, "eval_cache")))
+
+
+def test_killed_sampling_resumes_from_its_chunks(run_dir, tmp_path, monkeypatch):
+  """Generated latents are kept per batch: a sampling job killed after two of three batches
+  generates only the third when restarted, and its images equal an uninterrupted run's."""
+  from tfusion import checkpoint
+  from tfusion.evaluate import suites
+  from tfusion.generate import engine
+  workdir, config = run_dir
+  params, stored, _ = checkpoint.restore_params(workdir, step=4)
+  cfg = job._with_eval_overrides(stored, config).copy_and_resolve_references()
+  cfg.eval.batch_size = 1
+  prompts = ["a red square", "two small circles", "the number seven"]
+  straight = suites.EvalContext(cfg, params, 4, str(tmp_path / "a")).generate_images(prompts)
+
+  calls = []
+  original = engine.Generator.text_to_image
+
+  def counted(self, *args, **kwargs):
+    calls.append(1)
+    if kill_after is not None and len(calls) > kill_after:
+      raise KeyboardInterrupt("killed")
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(engine.Generator, "text_to_image", counted)
+  kill_after = 2
+  with pytest.raises(KeyboardInterrupt):
+    suites.EvalContext(cfg, params, 4, str(tmp_path / "b")).generate_images(prompts)
+  calls.clear()
+  kill_after = None
+  lines = []
+  ctx = suites.EvalContext(cfg, params, 4, str(tmp_path / "b"), log=lines.append)
+  resumed = ctx.generate_images(prompts)
+  assert len(calls) == 1, "only the batch the kill interrupted is generated again"
+  np.testing.assert_array_equal(resumed, straight)
+  assert "3/3 images" in lines[-1] and "eta" in lines[-1]
+  # Other weights (a different params fingerprint) never read these samples.
+  other = {"params": __import__("jax").tree.map(lambda x: x * 1.01, params["params"])}
+  calls.clear()
+  suites.EvalContext(cfg, other, 4, str(tmp_path / "b")).generate_images(prompts)
+  assert len(calls) == 3
+  ctx.clear_samples()
+  assert not os.listdir(tmp_path / "b" / "eval_cache" / "samples")

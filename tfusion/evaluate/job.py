@@ -159,7 +159,7 @@ def evaluate_checkpoint(workdir, step, suites, *, config=None, done=None, writer
                                  f"({type(e).__name__}: {str(e)[:200]})") from e
   cfg = _with_eval_overrides(stored, config)
   check_inputs(cfg, suites)
-  ctx = suites_lib.EvalContext(cfg, params, step, workdir)
+  ctx = suites_lib.EvalContext(cfg, params, step, workdir, log=log)
   ctx.settings["weights"] = source  # recorded with every result: ema or raw
   train_flops = step * flops.train_flops_per_step(cfg, train_state.param_count(params))
   return run_suites(ctx, suites, train_flops=train_flops, done=done, writer=writer, log=log)
@@ -189,6 +189,7 @@ def run_suites(ctx, suites, *, train_flops, done=None, writer=None, log=print):
       _save_done(ctx.workdir, done)
     shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
     log(f"eval step {ctx.step} {name}: {shown} ({seconds:.0f}s)")
+  ctx.clear_samples()  # kept only so that a killed job resumes its sampling
   return results
 
 

@@ -17,6 +17,8 @@ import os
 
 import numpy as np
 
+from tfusion.evaluate import sample_cache
+
 SUITES = {}
 
 
@@ -33,9 +35,10 @@ def _split(spec):
 class EvalContext:
   """What suites need for one checkpoint, built lazily and shared between suites."""
 
-  def __init__(self, config, params, step, workdir):
+  def __init__(self, config, params, step, workdir, log=None):
     self.config, self.params, self.step, self.workdir = config, params, step, workdir
     self.settings = {}  # recorded with the results (sampler, steps, guidance, ...)
+    self.log = log or (lambda message: None)
 
   def require(self, key):
     value = self.config.eval.get(key) if key in self.config.eval else self.config.get(key)
@@ -97,14 +100,42 @@ class EvalContext:
     self.settings.update(sampler=sampler, steps=steps, guidance_scale=e.guidance_scale,
                          num_samples=len(captions), **objective.sampling_settings())
     ids = [self.tokenizer.encode(c) for c in captions]
+    cache = sample_cache.ChunkCache(self._sample_dir(captions))
+    progress = sample_cache.Progress(len(ids), self.log)
     latents = []
     for start in range(0, len(ids), e.batch_size):
       chunk = ids[start:start + e.batch_size]
-      keys = engine.sample_keys(e.seed, len(chunk), start=start)
-      latents.append(np.asarray(self.generator.text_to_image(
-          chunk, keys, sampler=sampler, steps=steps, guidance_scale=e.guidance_scale,
-          sampling=sampling)))
+      done = cache.get(start, len(chunk))
+      if done is not None:
+        progress.update(len(chunk), cached=True)
+      else:
+        keys = engine.sample_keys(e.seed, len(chunk), start=start)
+        done = np.asarray(self.generator.text_to_image(
+            chunk, keys, sampler=sampler, steps=steps, guidance_scale=e.guidance_scale,
+            sampling=sampling))
+        cache.put(start, done)
+        progress.update(len(chunk))
+      latents.append(done)
     return output.decode_latents(self.vae, np.concatenate(latents))
+
+  def clear_samples(self):
+    """Deletes this checkpoint's kept samples (once every suite that reads them is done)."""
+    import glob
+    import shutil
+    if self.workdir:
+      pattern = os.path.join(self.workdir, "eval_cache", "samples", f"step{self.step}-*")
+      for directory in glob.glob(pattern):
+        shutil.rmtree(directory, ignore_errors=True)
+
+  def _sample_dir(self, captions):
+    """Where this checkpoint's samples for `captions` are kept (None without a workdir)."""
+    if not self.workdir:
+      return None
+    e = self.config.eval
+    key = sample_cache.cache_key(step=self.step, captions=captions, settings=self.settings,
+                                 seed=e.seed, batch_size=e.batch_size,
+                                 params=sample_cache.params_fingerprint(self.params))
+    return os.path.join(self.workdir, "eval_cache", "samples", f"step{self.step}-{key}")
 
   @functools.cached_property
   def generated(self):
