@@ -1,0 +1,1 @@
+"""Scaling-law analysis of a sweep: trendlines, compute parity, Chinchilla fits, isoFLOP minima."""
