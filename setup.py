@@ -60,6 +60,8 @@ setup(
             "tfusion-aot=tfusion.aot:main",
             "tfusion-config=tfusion.config_cli:main",
             "tfusion-make-text-records=tfusion.data.make_text_records:main",
+            "tfusion-sweep=tfusion.scaling.sweep:main",
+            "tfusion-scaling=tfusion.scaling.cli:main",
         ],
     },
 )
