@@ -29,16 +29,6 @@ VARIANTS = {
 OLD_SAMPLER = {"eval.x0_threshold": "none", "eval.timestep_spacing": "linspace"}
 
 
-def _set(config, overrides):
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return config
-
-
 def _evaluations(variant):
   out = [("raw", {}), ("ema", {})]
   if variant == "ddpm_eps":
@@ -54,7 +44,7 @@ def main(argv=None):
   ap.add_argument("--samples_per_digit", type=int, default=20)
   ap.add_argument("--ema_decay", type=float, default=0.99)
   args = ap.parse_args(argv)
-  from tfusion import checkpoint, logs
+  from tfusion import checkpoint, configlib, logs
   from tfusion.demo import config as demo_config, main as demo, suites as demo_suites
   from tfusion.evaluate import suites as suites_lib
   logs.setup_console()
@@ -76,7 +66,7 @@ def main(argv=None):
   for variant in args.variants.split(","):
     if variant not in VARIANTS:
       raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-    config = _set(base.copy_and_resolve_references(), dict(
+    config = configlib.apply_overrides(base.copy_and_resolve_references(), dict(
         VARIANTS[variant], **{"train.steps": args.steps, "train.ema_decay": args.ema_decay,
                               "optim.decay_steps": args.steps + 1}))
     config.demo.samples_per_digit = args.samples_per_digit
@@ -89,7 +79,7 @@ def main(argv=None):
         continue
       weights = "ema" if name.startswith("ema") else "raw"
       params, _, step = checkpoint.restore_params(run["run"], weights=weights)
-      cfg = _set(config.copy_and_resolve_references(), overrides)
+      cfg = configlib.apply_overrides(config.copy_and_resolve_references(), overrides)
       start = time.perf_counter()
       ctx = suites_lib.EvalContext(cfg, params, step, os.path.join(args.dir, "scratch"))
       values = dict(demo_suites.digits_suite(ctx), **suites_lib.SUITES["loss"](ctx))

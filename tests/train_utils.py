@@ -25,13 +25,7 @@ def tiny_config(**overrides):
   config.data.batch_size = 8
   config.data.max_images = 2
   config.train.log_every = 1
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return config
+  return configlib.apply_overrides(config, overrides)
 
 
 TINY_FLAGS = [

@@ -217,17 +217,37 @@ def base_config():
   return c
 
 
+def load_python_function(path, name, what="config file"):
+  """The function `name` of the Python file at `path` (config and sweep files are code).
+
+  Raises FileNotFoundError when the file is missing and ValueError when it lacks `name`."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{what} {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location("_tfusion_" + name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, name):
+    raise ValueError(f"{what} {path!r} has no {name}()")
+  return getattr(module, name)
+
+
 def load_config_file(spec):
   """Loads `path.py[:arg]` by calling its `get_config(arg)`. Returns a ConfigDict."""
   path, _, arg = spec.partition(":")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path!r} does not exist")
-  module_spec = importlib.util.spec_from_file_location("_tfusion_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path!r} has no get_config()")
-  return module.get_config(arg) if arg else module.get_config()
+  get_config = load_python_function(path, "get_config")
+  return get_config(arg) if arg else get_config()
+
+
+def apply_overrides(config, overrides):
+  """Sets every dotted key of `overrides` ({"optim.lr": 1e-3}) in `config` (in place; lists
+  become tuples, as config flags give them). Returns config."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+  return config
 
 
 # Config keys that hold local paths (comma-separated lists allowed). A run stores them

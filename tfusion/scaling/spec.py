@@ -32,12 +32,13 @@ import copy
 import dataclasses
 import difflib
 import hashlib
-import importlib.util
 import json
 import math
 import os
 
 import ml_collections
+
+from tfusion import configlib
 
 DEMO = "demo"  # base_config marker: the demo's config, its data prepared in the sweep dir
 
@@ -92,14 +93,11 @@ def repo_root():
 
 def load(path):
   """The spec of a sweep file (`get_sweep()`), as a plain dict."""
-  if not os.path.exists(path):
-    raise SweepSpecError(f"sweep spec {path!r} does not exist")
-  module_spec = importlib.util.spec_from_file_location("_tfusion_sweep", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_sweep"):
-    raise SweepSpecError(f"sweep spec {path!r} has no get_sweep()")
-  return as_dict(module.get_sweep())
+  try:
+    get_sweep = configlib.load_python_function(path, "get_sweep", what="sweep spec")
+  except (FileNotFoundError, ValueError) as e:
+    raise SweepSpecError(str(e)) from None
+  return as_dict(get_sweep())
 
 
 def as_dict(spec):
@@ -125,7 +123,6 @@ def base_config_path(spec):
 
 def load_base_config(spec):
   """The base config (a ConfigDict) the runs' overrides apply to."""
-  from tfusion import configlib
   if spec["base_config"] == DEMO:
     from tfusion.demo import config as demo_config
     return demo_config.get_config()
@@ -167,15 +164,7 @@ def key_problem(config, key):
   return None
 
 
-def apply_overrides(config, overrides):
-  """Sets every dotted key of `overrides` in `config` (in place). Returns config."""
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = tuple(value) if isinstance(value, list) else value
-  return config
+apply_overrides = configlib.apply_overrides
 
 
 def run_config(base, run):
