@@ -245,3 +245,21 @@ def test_cli_one_size_per_family_cannot_be_fitted(tmp_path, capsys):
   assert cli.main(["fit", str(tmp_path), "--n-boot", "10"]) == 2
   err = capsys.readouterr().err
   assert "no family could be fitted" in err and "2 distinct x values" in err
+
+
+def test_cli_partial_sweep_fits_what_it_has_and_names_what_is_missing(tmp_path, capsys):
+  rows = synthetic_sweep(str(tmp_path), np.random.default_rng(0))
+  rows[0]["metrics"] = {}  # bidirectional-a-1x: evaluated without the loss suite
+  rows = [r for r in rows if r["run"] != "causal_image-d-4x"]  # not run yet
+  with open(tmp_path / "runs.jsonl", "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  assert cli.main(["fit", str(tmp_path), "--n-boot", "50", "--chinchilla-boot", "5",
+                   "--out", str(tmp_path / "o")]) == 0
+  printed = capsys.readouterr().out
+  assert "missing: bidirectional-a-1x: no 'loss/image' at its final step 100" in printed
+  result = json.loads((tmp_path / "o" / "fit.json").read_text())
+  assert result["trend"]["families"]["bidirectional"]["fit"]["n"] == 7
+  assert result["trend"]["families"]["causal_image"]["fit"]["n"] == 7
+  assert result["missing"] == [{"run": "bidirectional-a-1x",
+                                "reason": "no 'loss/image' at its final step 100"}]

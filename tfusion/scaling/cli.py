@@ -190,6 +190,10 @@ def _parity_families(arg, families):
 def run_fit(args, log=print):
   """Fits, writes OUT/fit.json and the plots; returns the result dict."""
   rows, missing = load_rows(args.dir)
+  # Finished runs whose final evaluation lacks the metric (e.g. a suite added later).
+  missing += [(r["run"], f"no {args.metric!r} at its final step {r['step']}") for r in rows
+              if r.get("final") and args.metric not in r.get("metrics", {})
+              and any(args.metric in o.get("metrics", {}) for o in rows)]
   for name, reason in missing:
     log(f"missing: {name}: {reason}")
   by_family = select_points(rows, args.metric, args.x, args.checkpoints)
