@@ -122,3 +122,52 @@ def test_codes_out_of_the_codebook_are_named():
     vq.check_codes(np.array([[0, 256], [1, -1]]), 256, "shard-0.array_record record 3")
   with pytest.raises(ValueError, match="must be integers"):
     vq.check_codes(np.array([0.5]), 256, "x")
+
+
+# ------------------------------------------------------------------------- the VQ-VAE
+
+def _digits(n=200):
+  from sklearn.datasets import load_digits
+  from tfusion.vae import images as images_lib
+  digits = load_digits().images[:n] / 16.0
+  return np.stack([images_lib.array_to_model_input(d, 8) for d in digits])
+
+
+def test_vq_vae_trains_uses_its_codebook_round_trips_and_resumes(tmp_path):
+  from tfusion.vae import train as train_lib, train_vq, vq as vq_lib
+  from tfusion.vae.model import VAEConfig
+  config = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
+                     norm_num_groups=8)
+  images = _digits()
+  logs = []
+  kwargs = dict(num_codes=32, steps=120, batch_size=16, lr=3e-3, restart_every=20,
+                workdir=str(tmp_path / "run"), log_every=20, log=logs.append)
+  model, report = train_vq.train_vq(images, config, **kwargs)
+  history = report["history"]
+  assert history[-1]["l1"] < 0.75 * history[0]["l1"]
+  # The codebook follows the encoder (EMA) and the encoder commits to it: the quantization
+  # error falls (0.040 -> 0.024; 0.034 with a frozen codebook, 1.1 without the commitment term).
+  assert history[-1]["commitment"] < 0.7 * history[0]["commitment"]
+  baseline = train_lib.psnr(images, np.broadcast_to(images.mean(0), images.shape))
+  assert report["heldout_psnr"] > baseline + 4, (report["heldout_psnr"], baseline)  # 17.1 vs 11.4
+  assert report["code_shape"] == [4, 4]  # 8x8 digits, 2x down
+  assert report["heldout_usage"]["used"] >= 0.5, report["heldout_usage"]  # 0.875
+  assert report["heldout_usage"]["perplexity"] > 12  # 24.0
+  # Save, load: same codes and reconstructions.
+  vq_lib.save_vq(model, str(tmp_path / "vq"))
+  loaded = vq_lib.load_vq(str(tmp_path / "vq"))
+  codes = np.asarray(model.encode_codes(images[:20]))
+  np.testing.assert_array_equal(np.asarray(loaded.encode_codes(images[:20])), codes)
+  np.testing.assert_allclose(np.asarray(loaded.decode_codes(codes)),
+                             np.asarray(model.decode_codes(codes)), atol=1e-5)
+  with pytest.raises(ValueError, match="image code 32 .* outside the codebook \\[0, 32\\)"):
+    loaded.decode_codes(np.full((1, 4, 4), 32), where="records shard-0 record 5")
+  # A rerun resumes; a KL VAE of the same shape in that directory is refused.
+  _, again = train_vq.train_vq(images, config, **kwargs)
+  assert any("resumed at step 120" in line for line in logs) and again["history"] == []
+  with pytest.raises(train_lib.ShapeMismatchError, match="quantizer"):
+    train_lib.train_vae(images, config, steps=2, workdir=str(tmp_path / "run"))
+  from tfusion import vae as vae_lib
+  with pytest.raises(ValueError, match="not a VQModel"):
+    vae_lib.save_vae(vae_lib.init_vae(config), str(tmp_path / "kl"))
+    vq_lib.load_vq(str(tmp_path / "kl"))

@@ -101,14 +101,17 @@ class VAE:
 
 
 def init_vae(config, seed=0):
-  """A randomly initialised VAE (for training from scratch and tests).
+  """A randomly initialised VAE (for training from scratch and tests)."""
+  return VAE(config, host_init(abstract_params(config), seed))
 
-  Initialised on the host with numpy (LeCun-normal kernels, zero biases, unit norm scales, as
-  Flax's defaults): compiling Flax's jitted init of a conv net takes tens of seconds on CPU.
-  """
+
+def host_init(abstract, seed=0):
+  """Random params for the abstract tree of a conv autoencoder, made on the host with numpy
+  (LeCun-normal kernels, zero biases, unit norm scales, as Flax's defaults): compiling Flax's
+  jitted init of a conv net takes tens of seconds on CPU."""
   import flax
   rng = np.random.default_rng(seed)
-  flat = flax.traverse_util.flatten_dict(abstract_params(config))
+  flat = flax.traverse_util.flatten_dict(abstract)
   params = {}
   for path, leaf in flat.items():
     if path[-1] == "kernel":
@@ -119,7 +122,7 @@ def init_vae(config, seed=0):
     else:
       value = np.zeros(leaf.shape)
     params[path] = jnp.asarray(value, jnp.float32)
-  return VAE(config, flax.traverse_util.unflatten_dict(params))
+  return flax.traverse_util.unflatten_dict(params)
 
 
 def abstract_params(config):

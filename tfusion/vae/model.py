@@ -133,7 +133,10 @@ class Upsample(nn.Module):
 
 
 class Encoder(nn.Module):
+  """images -> 2 * latent_channels moments (mean, logvar), or latent_channels vectors when
+  double_z is False (a VQ encoder, as diffusers' VQModel)."""
   config: VAEConfig
+  double_z: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -148,7 +151,7 @@ class Encoder(nn.Module):
     x = MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention,
                  name="mid_block")(x)
     x = nn.silu(_norm(cfg.norm_num_groups, "conv_norm_out")(x))
-    return _conv(2 * cfg.latent_channels, 3, "conv_out")(x)
+    return _conv((2 if self.double_z else 1) * cfg.latent_channels, 3, "conv_out")(x)
 
 
 class Decoder(nn.Module):

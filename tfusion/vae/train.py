@@ -6,6 +6,9 @@ extra terms passed as `extra_losses` (e.g. a perceptual or adversarial term: fun
 a rerun resumes. At the end the held-out PSNR is reported, per-channel latent statistics are
 computed on the training images, and the VAE is saved in the loadable (diffusers) format.
 
+`--quantizer vq` trains the Chameleon baseline's VQ-VAE instead (tfusion/vae/train_vq.py:
+--num_codes, --code_dim, --commitment; saved as a diffusers-style VQModel directory).
+
 Images that cannot be read are skipped, counted and named. The architecture is recorded in
 `<out>/vae_train.json` at the start, so a rerun into an `--out` that holds a VAE of another
 shape stops with one line saying what differs instead of failing inside the restore.
@@ -42,16 +45,32 @@ def _describe(config_dict, keys):
                    if k in keys)
 
 
-def check_workdir(workdir, config: VAEConfig):
-  """Raises ShapeMismatchError when `workdir` holds a VAE of another architecture; else
-  records this one (vae_train.json) so later reruns can be checked."""
+KL = {"kind": "kl"}  # the quantizer entry of a continuous VAE
+
+
+def _stored_quantizer(raw):
+  """The quantizer a vae_train.json or config.json describes (older files: a KL VAE)."""
+  if "quantizer" in raw:
+    return raw["quantizer"]
+  if "num_vq_embeddings" in raw:
+    return {"kind": "vq", "num_codes": raw["num_vq_embeddings"], "code_dim": raw["vq_embed_dim"]}
+  return KL
+
+
+def check_workdir(workdir, config: VAEConfig, quantizer=None):
+  """Raises ShapeMismatchError when `workdir` holds a VAE of another architecture or
+  quantizer (default: a KL VAE; a VQ-VAE passes {"kind": "vq", "num_codes", "code_dim"});
+  else records this one (vae_train.json) so later reruns can be checked."""
   want = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, as stored
+  want["quantizer"] = quantizer or KL
   for name in (TRAIN_FILE, vae_lib.CONFIG_FILE):
     path = os.path.join(workdir, name)
     if not os.path.exists(path):
       continue
     with open(path, encoding="utf-8") as f:
-      stored = json.loads(json.dumps(dataclasses.asdict(VAEConfig.from_dict(json.load(f)))))
+      raw = json.load(f)
+    stored = json.loads(json.dumps(dataclasses.asdict(VAEConfig.from_dict(raw))))
+    stored["quantizer"] = _stored_quantizer(raw)
     diff = [k for k in want if stored[k] != want[k]]
     if diff:
       raise ShapeMismatchError(
@@ -101,21 +120,51 @@ def latent_statistics(vae, images, batch_size=64):
   return flat.mean(0), flat.std(0)
 
 
-def train_vae(images, config: VAEConfig, *, steps=2000, batch_size=32, lr=1e-3, kl_weight=1e-4,
-              holdout=0.05, seed=0, workdir=None, extra_losses=(), log_every=100, log=print):
-  """Trains on `images` (float [N, H, W, 3] in [-1, 1]). Returns (VAE with stats, report)."""
+def split_holdout(images, holdout, seed):
+  """(held-out, train) images: a seeded shuffle, at least one held out."""
   images = np.asarray(images, np.float32)
-  rng = np.random.default_rng(seed)
-  order = rng.permutation(len(images))
+  order = np.random.default_rng(seed).permutation(len(images))
   n_held = max(1, int(len(images) * holdout))
-  held, train = images[order[:n_held]], images[order[n_held:]]
-  model = AutoencoderKL(config)
-  params = vae_lib.init_vae(config, seed).params
+  return images[order[:n_held]], images[order[n_held:]]
+
+
+def optimizer(lr, steps):
+  """AdamW with a short warmup and a cosine decay to lr / 10 over `steps`."""
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
   warmup = min(100, steps // 10 + 1, steps - 1)  # the cosine part needs >= 1 step
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, lr, warmup, steps, lr / 10),
-                   weight_decay=0.0)
+  return optax.adamw(optax.warmup_cosine_decay_schedule(0, lr, warmup, steps, lr / 10),
+                     weight_decay=0.0)
+
+
+def open_checkpoints(workdir, state, log):
+  """(Orbax manager or None, start step, state): resumes from workdir/checkpoints when it has
+  a checkpoint; one that does not restore into `state` is a ShapeMismatchError."""
+  if not workdir:
+    return None, 0, state
+  ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+  start = manager.latest_step()
+  if start is None:
+    return manager, 0, state
+  try:
+    state = manager.restore(start, args=ocp.args.StandardRestore(state))
+  except Exception as e:  # noqa: BLE001 - Orbax raises many kinds for "does not fit"
+    manager.close()
+    raise ShapeMismatchError(f"{ckpt_dir}/{start} does not restore into this VAE (another "
+                             f"architecture or a damaged checkpoint: {type(e).__name__}); "
+                             "use another --out") from None
+  log(f"vae: resumed at step {start}")
+  return manager, start, state
+
+
+def train_vae(images, config: VAEConfig, *, steps=2000, batch_size=32, lr=1e-3, kl_weight=1e-4,
+              holdout=0.05, seed=0, workdir=None, extra_losses=(), log_every=100, log=print):
+  """Trains on `images` (float [N, H, W, 3] in [-1, 1]). Returns (VAE with stats, report)."""
+  held, train = split_holdout(images, holdout, seed)
+  model = AutoencoderKL(config)
+  params = vae_lib.init_vae(config, seed).params
+  tx = optimizer(lr, steps)
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
   def loss_fn(p, x, key):
@@ -134,23 +183,9 @@ def train_vae(images, config: VAEConfig, *, steps=2000, batch_size=32, lr=1e-3, 
     return {"params": optax.apply_updates(st["params"], updates), "opt_state": opt_state,
             "step": st["step"] + 1}, dict(aux, loss=loss)
 
-  manager = None
-  start = 0
   if workdir:
     check_workdir(workdir, config)
-    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    manager = ocp.CheckpointManager(ckpt_dir,
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=2))
-    if manager.latest_step() is not None:
-      start = manager.latest_step()
-      try:
-        state = manager.restore(start, args=ocp.args.StandardRestore(state))
-      except Exception as e:  # noqa: BLE001 - Orbax raises many kinds for "does not fit"
-        manager.close()
-        raise ShapeMismatchError(f"{ckpt_dir}/{start} does not restore into this VAE (another "
-                                 f"architecture or a damaged checkpoint: {type(e).__name__}); "
-                                 "use another --out") from None
-      log(f"vae: resumed at step {start}")
+  manager, start, state = open_checkpoints(workdir, state, log)
   history = []
   t0 = time.perf_counter()
   for step in range(start, steps):
@@ -200,6 +235,13 @@ def main(argv=None):
   parser.add_argument("--batch_size", type=int, default=16, help="images per step")
   parser.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
   parser.add_argument("--kl_weight", type=float, default=1e-6, help="weight of the KL term")
+  parser.add_argument("--quantizer", choices=("kl", "vq"), default="kl",
+                      help="kl: continuous latents (Transfusion); vq: discrete codes (the "
+                      "Chameleon baseline, tfusion/vae/train_vq.py)")
+  parser.add_argument("--num_codes", type=int, default=1024, help="vq: codebook size")
+  parser.add_argument("--code_dim", type=int, default=0,
+                      help="vq: codebook vector size (0: --latent_channels)")
+  parser.add_argument("--commitment", type=float, default=0.25, help="vq: commitment weight")
   parser.add_argument("--log_every", type=int, default=100,
                       help="steps between log lines (the first step is always logged)")
   parser.add_argument("--seed", type=int, default=0, help="init, batches and noise")
@@ -216,17 +258,38 @@ def main(argv=None):
     if args.resolution % config.downsample_factor:
       raise ValueError(f"--resolution {args.resolution} is not divisible by the "
                        f"{config.downsample_factor}x downsampling of --block_out_channels")
-    check_workdir(args.out, config)  # before loading images: a mistake shows at once
+    vq = args.quantizer == "vq"
+    if vq and args.num_codes < 2:
+      raise ValueError(f"--num_codes {args.num_codes}: a codebook needs >= 2 codes")
+    code_dim = args.code_dim or args.latent_channels
+    quantizer = ({"kind": "vq", "num_codes": args.num_codes, "code_dim": code_dim} if vq
+                 else None)
+    check_workdir(args.out, config, quantizer)  # before loading images: a mistake shows at once
     images, files, _ = load_images(args.images, args.resolution)
     print(f"vae: {len(files)} images from {args.images}; "
           + _latent_note(args.resolution, args.block_out_channels, args.latent_channels))
-    vae, report = train_vae(images, config, steps=args.steps, batch_size=args.batch_size,
-                            lr=args.lr, kl_weight=args.kl_weight, seed=args.seed,
-                            workdir=args.out, log_every=args.log_every)
+    if vq:
+      from tfusion.vae import train_vq
+      vae, report = train_vq.train_vq(
+          images, config, num_codes=args.num_codes, code_dim=code_dim, steps=args.steps,
+          batch_size=args.batch_size, lr=args.lr, commitment=args.commitment, seed=args.seed,
+          workdir=args.out, log_every=args.log_every)
+    else:
+      vae, report = train_vae(images, config, steps=args.steps, batch_size=args.batch_size,
+                              lr=args.lr, kl_weight=args.kl_weight, seed=args.seed,
+                              workdir=args.out, log_every=args.log_every)
   except (ValueError, FileNotFoundError) as e:
     print(f"tfusion-train-vae: error: {e}", file=sys.stderr)
     sys.exit(2)
-  vae_lib.save_vae(vae, args.out)
+  if args.quantizer == "vq":
+    from tfusion.vae import vq as vq_lib
+    vq_lib.save_vq(vae, args.out)
+    usage = report["heldout_usage"]
+    print(f"vq: {report['code_shape'][0]}x{report['code_shape'][1]} codes per image; held-out "
+          f"code perplexity {usage['perplexity']:.1f}, {usage['used']:.0%} of "
+          f"{args.num_codes} codes used")
+  else:
+    vae_lib.save_vae(vae, args.out)
   print(f"vae: held-out PSNR {report['heldout_psnr']:.2f} dB on {report['heldout_images']} "
         f"images; saved to {args.out}")
 
