@@ -2,14 +2,21 @@
 
   tfusion-precompute-latents --vae VAE_DIR --out OUT_DIR \\
       (--images FOLDER --captions captions.jsonl|captions.csv
+       | --webdataset 'DIR|GLOB|a.tar,b.tar' [--caption_key caption]
+       | --parquet 'DIR|GLOB|a.parquet,...' [--image_column image] [--caption_column caption]
+       | --images FOLDER (--coco captions_train2017.json | --karpathy dataset_coco.json
+                          [--split train|val|test|restval])
        | --tfds NAME --data_dir DIR [--split train] [--image_key image] [--caption_key caption])
       [--resolution 256] [--batch_size 32] [--shard_size 4096] [--latent_dtype float16]
-      [--overwrite]
+      [--process_index I --process_count N] [--overwrite]
 
 Captions files: JSONL lines {"file": "name.jpg", "caption": "..."} or a CSV with columns
 `file` and `caption`; file names are relative to the image folder; one record per line (an
 image with five captions gives five records). TFDS datasets must already be prepared in
-`data_dir` (array_record format); nothing is downloaded.
+`data_dir` (array_record format); nothing is downloaded. Webdataset/img2dataset tar shards,
+parquet files and COCO/Karpathy captions are read by tfusion/data/ingest_sources.py (samples in
+a fixed order, streamed shard by shard; a COCO run also writes OUT/references.jsonl and
+OUT/prompts.jsonl for the caption and FID evals).
 
 Images are center-cropped and resized to `resolution` (tfusion/vae/images.py), encoded with
 the project VAE (`VAE.encode`: posterior mean, normalized) in fixed-size batches jitted once
@@ -17,16 +24,24 @@ and split over the local devices, and written as records of the schema in record
 in shard i // shard_size: OUT/image_caption-SSSSS-of-NNNNN.array_record. A shard appears
 under its name only when complete, beside a .json with its counts; rerunning skips finished
 shards. Unreadable images, empty captions, missing files and non-finite latents are skipped,
-counted by reason, and reported at the end with the first few items of each reason.
+counted by reason, and reported at the end with the first few items of each reason; when every
+item is skipped the job fails (exit 2) with those counts. Throughput (images/s) is shown in the
+progress bar and printed at the end.
+
+Several hosts share a job with --process_index/--process_count (default: jax's, when
+jax.distributed is initialised, else 0 of 1): host i writes shards i, i + N, ...; host 0
+checks --out and writes the manifest, the others wait for it. Every host lists all inputs
+(headers and metadata only) to agree on the item order.
 
 OUT/precompute.json (the manifest) records what the shards were made from: a fingerprint of
 the VAE (parameters, architecture, latent normalization), the resolution, latent dtype and
 shard layout, and the inputs: the captions file's content hash and the referenced images'
 names and byte sizes (cheap, and unchanged by copying a dataset elsewhere; an image rewritten
-in place to exactly the same size is not noticed), the TFDS dataset name/split/data_dir, or a
-hash of in-memory arrays. A rerun whose inputs differ stops with one line naming what changed
-(VAE, resolution, captions, images, ...) unless --overwrite, which deletes the old shards
-first; a matching rerun resumes shard by shard.
+in place to exactly the same size is not noticed), the tar or parquet files' names and sizes
+(and the tars' member names and sizes), the COCO/Karpathy files' content hashes, the TFDS
+dataset name/split/data_dir, or a hash of in-memory arrays. A rerun whose inputs differ
+stops with one line naming what changed (VAE, resolution, captions, images, ...) unless
+--overwrite, which deletes the old shards first; a matching rerun resumes shard by shard.
 
 From Python (the demo): `write_latent_records(images, captions, vae, out_dir)` does the same
 for in-memory arrays.
@@ -41,6 +56,7 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Callable
 
 import numpy as np
@@ -54,15 +70,25 @@ EXAMPLES_PER_REASON = 3  # skipped items named per reason in the summary
 _LABELS = {"vae": "the VAE (weights, config or latent statistics)", "resolution": "resolution",
            "latent_dtype": "latent dtype", "shard_size": "shard size",
            "items": "number of items", "captions": "captions", "images": "images",
-           "dataset": "TFDS dataset"}
+           "dataset": "TFDS dataset", "tars": "tar shards (names or sizes)",
+           "tar_members": "tar members (names or sizes)",
+           "parquet": "parquet files (names or sizes)", "columns": "parquet columns",
+           "coco": "COCO annotations", "karpathy": "Karpathy split file", "split": "split"}
 
 
 @dataclasses.dataclass
 class Item:
-  """One image–caption pair to encode; `load(resolution)` -> float32 [R, R, 3] in [-1, 1]."""
+  """One image–caption pair to encode; `load(resolution)` -> float32 [R, R, 3] in [-1, 1].
+
+  `key` names the item in skip reports (and is the record id unless `id` is given: items that
+  share an id, e.g. the captions of one COCO image, are one image to the caption eval).
+  `skip`: a reason already known when the item was listed (missing caption, corrupt tar, ...).
+  """
   key: str
   caption: str
   load: Callable
+  id: str | None = None
+  skip: str | None = None
 
 
 class SkipItem(Exception):
@@ -104,27 +130,30 @@ def _read_captions(path):
 
 def folder_items(images_dir, captions_path):
   """Items from a folder of images and a captions file (missing images become skips)."""
-  from tfusion.vae import images as images_lib
   if not os.path.isdir(images_dir):
     raise FileNotFoundError(f"image folder {images_dir!r} does not exist")
   items = []
   for name, caption, line in _read_captions(captions_path):
-    path = os.path.join(images_dir, str(name))
-
-    def load(resolution, path=path):
-      if not os.path.isfile(path):
-        raise SkipItem("missing image file")
-      try:
-        return images_lib.load_image(path, resolution)
-      except images_lib.BadImageError:
-        raise SkipItem("unreadable image") from None
-
     items.append(Item(f"{name} (line {line})", caption if isinstance(caption, str) else "",
-                      load))
+                      file_loader(os.path.join(images_dir, str(name)))))
   return items
 
 
-def _sha(parts):
+def file_loader(path):
+  """Item.load for an image file: a missing or unreadable file is a skip, not an error."""
+  from tfusion.vae import images as images_lib
+
+  def load(resolution):
+    if not os.path.isfile(path):
+      raise SkipItem("missing image file")
+    try:
+      return images_lib.load_image(path, resolution)
+    except images_lib.BadImageError:
+      raise SkipItem("unreadable image") from None
+  return load
+
+
+def content_hash(parts):
   h = hashlib.sha256()
   for part in parts:
     h.update(part if isinstance(part, bytes) else str(part).encode("utf-8"))
@@ -135,13 +164,13 @@ def _sha(parts):
 def folder_fingerprints(images_dir, captions_path):
   """{"captions": content hash, "images": hash of the referenced files' names and sizes}."""
   with open(captions_path, "rb") as f:
-    captions = _sha([f.read()])
+    captions = content_hash([f.read()])
   names = sorted({str(name) for name, _, _ in _read_captions(captions_path)})
   sizes = []
   for name in names:
     path = os.path.join(images_dir, name)
     sizes.append(os.path.getsize(path) if os.path.isfile(path) else -1)
-  return {"captions": captions, "images": _sha(f"{n}:{z}" for n, z in zip(names, sizes))}
+  return {"captions": captions, "images": content_hash(f"{n}:{z}" for n, z in zip(names, sizes))}
 
 
 def vae_fingerprint(vae):
@@ -154,7 +183,7 @@ def vae_fingerprint(vae):
   for path, leaf in leaves:
     a = np.asarray(jax.device_get(leaf))
     parts += [jax.tree_util.keystr(path), f"{a.dtype.str}{a.shape}", a.tobytes()]
-  return _sha(parts)
+  return content_hash(parts)
 
 
 class TfdsItems:
@@ -252,11 +281,15 @@ def _encode_shard(items, encoder, path, resolution, latent_dtype, progress):
         if not np.isfinite(latent).all():
           skip(f"latent overflows {np.dtype(latent_dtype).name}", item)
           continue
-        writer.write(records_lib.image_caption_record(latent, item.caption.strip(), id=item.key))
+        writer.write(records_lib.image_caption_record(
+            latent, item.caption.strip(), id=item.key if item.id is None else item.id))
         progress.update(1)
       pending.clear()
 
     for item in items:
+      if item.skip:
+        skip(item.skip, item)
+        continue
       if not item.caption.strip():
         skip("empty caption", item)
         continue
@@ -325,6 +358,58 @@ def _prepare_out_dir(out_dir, manifest, overwrite):
   os.replace(tmp, manifest_path)
 
 
+def _await_manifest(out_dir, manifest, overwrite, wait_s):
+  """Processes other than 0: wait until process 0 has recorded a manifest equal to ours.
+
+  With `overwrite` an old manifest is waited out (process 0 replaces it); without, a
+  different one is refused as on process 0.
+  """
+  path = os.path.join(out_dir, MANIFEST)
+  deadline = time.monotonic() + wait_s
+  while True:
+    changes = None
+    if os.path.exists(path):
+      try:
+        with open(path, encoding="utf-8") as f:
+          changes = manifest_changes(json.load(f), manifest)
+      except (json.JSONDecodeError, OSError):
+        changes = None  # being replaced right now
+    if changes == []:
+      return
+    if changes and not overwrite:
+      raise ValueError(f"{out_dir} holds latents of another precompute run: "
+                       f"{'; '.join(changes)} changed. Use --overwrite (overwrite=True) to "
+                       "delete them and encode again, or another --out")
+    if time.monotonic() > deadline:
+      raise ValueError(f"process 0 wrote no matching {MANIFEST} into {out_dir} within "
+                       f"{wait_s:.0f} s; start process 0 with the same inputs")
+    time.sleep(min(1.0, wait_s / 10))
+
+
+def _items_in(items, start, stop):
+  """Items start..stop-1: streamed by sources that read files in order (`iter_range`), else
+  by index."""
+  if hasattr(items, "iter_range"):
+    return items.iter_range(start, stop)
+  return (items[i] for i in range(start, stop))
+
+
+def shards_of_process(num_shards, process_index, process_count):
+  """The shards one process writes: round-robin, shard s to process s % process_count."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+  return list(range(process_index, num_shards, process_count))
+
+
+def all_skipped_message(summary, examples):
+  """The error when nothing was written: counts by reason with the first items of each."""
+  reasons = "; ".join(f"{reason}: {n} ({', '.join(examples.get(reason, []))}"
+                      + (", ...)" if n > len(examples.get(reason, [])) else ")")
+                      for reason, n in sorted(summary["skipped"].items()))
+  return (f"every one of the {sum(summary['skipped'].values())} items was skipped, nothing "
+          f"written: {reasons}")
+
+
 def skipped_lines(summary, examples):
   """One line per skip reason naming its first few items (`examples` from `precompute`)."""
   return [f"skipped ({reason}, {n}x): {', '.join(examples.get(reason, []))}"
@@ -334,14 +419,22 @@ def skipped_lines(summary, examples):
 
 def precompute(items, vae, out_dir, *, resolution=256, batch_size=32, shard_size=4096,
                latent_dtype="float16", source="", inputs=None, overwrite=False,
-               skipped_examples=None, show_progress=True):
-  """Encodes `items` (a sequence of Item) into record shards in out_dir.
+               skipped_examples=None, show_progress=True, process_index=0, process_count=1,
+               manifest_wait_s=600.0, stats=None):
+  """Encodes `items` into record shards in out_dir.
 
+  `items`: a sequence of Item, or a source with len() and `iter_range(start, stop)` that
+  streams them (ingest_sources.py); item i goes to shard i // shard_size.
   `inputs`: {name: fingerprint} of what the items are made from (captions, images, dataset);
   with the VAE's fingerprint and the settings it forms the manifest a rerun must match
   (else ValueError naming what changed), unless `overwrite` deletes the old shards first.
-  `skipped_examples`, a dict, receives {reason: [the first few skipped item keys]}.
+  `process_index`/`process_count`: this process writes shards s with s % count == index;
+  process 0 checks out_dir and writes the manifest, the others wait (up to manifest_wait_s)
+  for an equal one. Counts cover this process's shards.
+  `skipped_examples`, a dict, receives {reason: [the first few skipped item keys]}; `stats`,
+  a dict, receives {"encoded": items gone through this call, "seconds": their wall time}.
   Returns {"written": n, "skipped": {reason: n}, "shards": S, "shards_done_before": k}.
+  Raises ValueError (counts by reason) when items were skipped and none was written.
   """
   from tqdm import tqdm
   if latent_dtype not in records_lib.LATENT_DTYPES:
@@ -357,7 +450,11 @@ def precompute(items, vae, out_dir, *, resolution=256, batch_size=32, shard_size
               "latent_dtype": latent_dtype, "shard_size": shard_size, "items": total,
               "latent_shape": [resolution // vae.downsample_factor] * 2 + [vae.latent_channels],
               "inputs": dict(inputs or {}), "source": source}  # source: for people, not compared
-  _prepare_out_dir(out_dir, manifest, overwrite)
+  mine = shards_of_process(num_shards, process_index, process_count)
+  if process_index == 0:
+    _prepare_out_dir(out_dir, manifest, overwrite)
+  else:
+    _await_manifest(out_dir, manifest, overwrite, manifest_wait_s)
 
   summary = {"written": 0, "skipped": {}, "shards": num_shards, "shards_done_before": 0}
   examples = {} if skipped_examples is None else skipped_examples
@@ -371,7 +468,7 @@ def precompute(items, vae, out_dir, *, resolution=256, batch_size=32, shard_size
       kept.extend(named[:EXAMPLES_PER_REASON - len(kept)])
 
   todo = []
-  for s in range(num_shards):
+  for s in mine:
     path = _shard_path(out_dir, s, num_shards)
     if os.path.exists(path) and os.path.exists(path + ".json"):
       with open(path + ".json", encoding="utf-8") as f:
@@ -379,14 +476,18 @@ def precompute(items, vae, out_dir, *, resolution=256, batch_size=32, shard_size
       summary["shards_done_before"] += 1
     else:
       todo.append(s)
-  done_items = sum(min(shard_size, total - s * shard_size) for s in range(num_shards)
-                   if s not in todo)
+  def size(s):
+    return min(shard_size, total - s * shard_size)
+
+  done_items = sum(size(s) for s in mine if s not in todo)
   encoder = Encoder(vae, batch_size) if todo else None
-  with tqdm(total=total, initial=done_items, unit="img", disable=not show_progress,
-            desc="encoding") as progress:
+  # tqdm's rate is the images/s of this run (it starts counting at `initial`).
+  start_time = time.perf_counter()
+  with tqdm(total=sum(size(s) for s in mine), initial=done_items, unit="img",
+            disable=not show_progress, desc="encoding") as progress:
     for s in todo:
       path = _shard_path(out_dir, s, num_shards)
-      shard_items = (items[i] for i in range(s * shard_size, min(total, (s + 1) * shard_size)))
+      shard_items = _items_in(items, s * shard_size, min(total, (s + 1) * shard_size))
       counts = _encode_shard(shard_items, encoder, path, resolution, np.dtype(latent_dtype),
                              progress)
       # Counts first, then the shard's final name: a shard that exists is complete.
@@ -394,6 +495,10 @@ def precompute(items, vae, out_dir, *, resolution=256, batch_size=32, shard_size
         json.dump(counts, f)
       os.replace(path + ".json.tmp", path + ".json")
       add(counts)
+  if stats is not None:
+    stats.update(encoded=sum(size(s) for s in todo), seconds=time.perf_counter() - start_time)
+  if summary["written"] == 0 and summary["skipped"]:
+    raise ValueError(all_skipped_message(summary, examples))
   return summary
 
 
@@ -412,7 +517,7 @@ def _arrays_fingerprints(images, captions):
       a = np.ascontiguousarray(image)
       yield f"{a.dtype.str}{a.shape}"
       yield a.tobytes()
-  return {"images": _sha(image_parts()), "captions": _sha(repr(c) for c in captions)}
+  return {"images": content_hash(image_parts()), "captions": content_hash(repr(c) for c in captions)}
 
 
 def write_latent_records(images, captions, vae, out_dir, *, resolution=256, batch_size=32,
@@ -446,11 +551,24 @@ def main(argv=None):
   parser.add_argument("--out", required=True, help="output directory for the shards")
   parser.add_argument("--images", help="folder of images (with --captions)")
   parser.add_argument("--captions", help="captions .jsonl ({file, caption}) or .csv")
+  parser.add_argument("--webdataset", help="webdataset/img2dataset .tar shards: a directory, "
+                      "glob or comma list")
+  parser.add_argument("--parquet", help="parquet files (directory, glob or comma list) with "
+                      "--image_column and --caption_column")
+  parser.add_argument("--image_column", default="image",
+                      help="parquet image column: HF Image struct {bytes, path}, or binary")
+  parser.add_argument("--caption_column", default=None,
+                      help="parquet caption column (default: 'caption', else 'text')")
+  parser.add_argument("--coco", help="COCO captions JSON (captions_train2017.json), with "
+                      "--images")
+  parser.add_argument("--karpathy", help="Karpathy dataset_coco.json: the images of --split "
+                      "(train, val, test, restval; comma list), with --images")
   parser.add_argument("--tfds", help="TFDS dataset name, prepared in --data_dir")
   parser.add_argument("--data_dir", help="TFDS data_dir")
   parser.add_argument("--split", default="train")
   parser.add_argument("--image_key", default="image")
-  parser.add_argument("--caption_key", default="caption")
+  parser.add_argument("--caption_key", default="caption",
+                      help="TFDS caption feature; webdataset .json caption field")
   parser.add_argument("--resolution", type=int, default=256)
   parser.add_argument("--batch_size", type=int, default=32,
                       help="images per encode call (rounded up to a multiple of the devices)")
@@ -458,11 +576,28 @@ def main(argv=None):
   parser.add_argument("--latent_dtype", default="float16", choices=records_lib.LATENT_DTYPES)
   parser.add_argument("--overwrite", action="store_true",
                       help="--out holds latents of other inputs: delete them and encode again")
+  parser.add_argument("--process_index", type=int, default=None,
+                      help="this host's index (default: jax.process_index())")
+  parser.add_argument("--process_count", type=int, default=None,
+                      help="hosts sharing the job; shard s is written by host s %% count "
+                      "(default: jax.process_count())")
   args = parser.parse_args(argv)
   from tfusion import logs
   logs.setup_console()
+  from tfusion.data import ingest_sources
+  eval_images = None  # COCO: the references and prompts written beside the shards
   try:
-    if args.tfds:
+    if args.webdataset:
+      items = ingest_sources.WebDatasetItems(args.webdataset, args.caption_key)
+      source, inputs = f"webdataset:{args.webdataset}", items.inputs()
+    elif args.parquet:
+      items = ingest_sources.ParquetItems(args.parquet, args.image_column, args.caption_column)
+      source, inputs = f"parquet:{args.parquet}", items.inputs()
+    elif (args.coco or args.karpathy) and args.images:
+      items, inputs, eval_images = ingest_sources.coco_items(
+          args.images, args.coco, args.karpathy, args.split)
+      source = f"coco:{args.coco or ''}+{args.karpathy or ''}[{args.split}]@{args.images}"
+    elif args.tfds:
       items = TfdsItems(args.tfds, args.data_dir, args.split, args.image_key, args.caption_key)
       source = f"tfds:{args.tfds}/{args.split}@{args.data_dir}"
       inputs = {"dataset": f"{source} [{args.image_key}, {args.caption_key}] x{len(items)}"}
@@ -471,25 +606,40 @@ def main(argv=None):
       source = f"folder:{os.path.abspath(args.images)}+{os.path.abspath(args.captions)}"
       inputs = folder_fingerprints(args.images, args.captions)
     else:
-      parser.error("give --images and --captions, or --tfds and --data_dir")
+      parser.error("give --images and --captions, --webdataset, --parquet, --coco/--karpathy "
+                   "and --images, or --tfds and --data_dir")
     from tfusion.vae import load_vae
     if not os.path.exists(args.vae):
       raise FileNotFoundError(f"--vae {args.vae!r} does not exist (a diffusers-format VAE "
                               "directory; nothing is downloaded)")
     vae = load_vae(args.vae)
-    examples = {}
+    import jax  # after load_vae: the backend (and jax.distributed, if initialised) is up
+    index = jax.process_index() if args.process_index is None else args.process_index
+    count = jax.process_count() if args.process_count is None else args.process_count
+    examples, stats = {}, {}
     summary = precompute(items, vae, args.out, resolution=args.resolution,
                          batch_size=args.batch_size, shard_size=args.shard_size,
                          latent_dtype=args.latent_dtype, source=source, inputs=inputs,
-                         overwrite=args.overwrite, skipped_examples=examples)
+                         overwrite=args.overwrite, skipped_examples=examples,
+                         process_index=index, process_count=count, stats=stats)
+    if eval_images is not None and index == 0:
+      ingest_sources.write_eval_files(eval_images, args.out)
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f"tfusion-precompute-latents: error: {e}", file=sys.stderr)
     sys.exit(2)
   for line in skipped_lines(summary, examples):
     print(line)
+  if stats["encoded"]:
+    print(f"encoded {stats['encoded']} items in {stats['seconds']:.1f} s: "
+          f"{stats['encoded'] / stats['seconds']:.1f} images/s"
+          + (f" (process {index} of {count})" if count > 1 else ""))
+  if eval_images is not None and index == 0:
+    print(f"wrote references.jsonl ({len(eval_images)} images) and prompts.jsonl to {args.out}")
   skipped = sum(summary["skipped"].values())
   reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary["skipped"].items())) or "none"
-  print(f"wrote {summary['written']} image–caption records in {summary['shards']} shards to "
+  shards = f"{summary['shards']} shards" if count == 1 else (
+      f"{len(shards_of_process(summary['shards'], index, count))} of {summary['shards']} shards")
+  print(f"wrote {summary['written']} image–caption records in {shards} to "
         f"{args.out} ({summary['shards_done_before']} shards were already done); skipped "
         f"{skipped} ({reasons})")
 
