@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import train_utils
 from tfusion import configlib, diffusion, train_state
 from tfusion.generate import context as context_lib
 from tfusion.generate import engine, image as image_lib, reference, text as text_lib
@@ -35,26 +36,11 @@ def _config(objective="ddpm"):
   return c
 
 
-def _random_params(model, config, seed=0):
-  """Random parameters of the model's shapes (much faster than compiling model.init).
-
-  Norm scales near 1, everything else N(0, 0.1^2): attention stays far from one-hot, so a
-  wrong mask or a misplaced key changes the outputs.
-  """
-  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                                        *train_state.dummy_inputs(config.model)))
-  rng = np.random.default_rng(seed)
-  def fill(path, leaf):
-    noise = rng.standard_normal(leaf.shape).astype(np.float32) * 0.1
-    return jnp.asarray(noise + 1.0 if "scale" in jax.tree_util.keystr(path) else noise)
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 @pytest.fixture(scope="module")
 def setup():
   config = _config()
   model = train_state.build_model(config)
-  params = _random_params(model, config)
+  params = train_utils.random_params(config)
   gen = engine.Generator(config, params, SPECIAL, fast_compile=True)
   # The uncached reference: the training forward pass over whole documents (one compilation:
   # every reference call below uses rows of MAX_LEN positions and 2 image slots).
@@ -406,7 +392,7 @@ def test_cached_paths_for_the_unet_and_the_causal_ablation(encoder, intra_image)
   config.model.image.update(encoder=encoder, unet_channels=(8, 16, 16, 16))
   config.model.intra_image = intra_image
   model = train_state.build_model(config)
-  params = _random_params(model, config)
+  params = train_utils.random_params(config)
   gen = engine.Generator(config, params, SPECIAL, fast_compile=True)
   forward = jax.jit(functools.partial(reference.forward_last_image_at, model),
                     compiler_options=FAST)

@@ -65,7 +65,7 @@ def test_a_pod_without_a_reachable_coordinator_is_one_line(monkeypatch):
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t-0,t-1")  # a TPU pod's variable, on a CPU box
   flags = types.SimpleNamespace(coordinator_address=None, num_processes=None, process_id=None)
   with pytest.raises(train.DistributedSetupError) as e:
-    train._maybe_initialize_distributed(flags)
+    train.initialize_distributed(flags)
   assert "multi-process start (TPU pod" in str(e.value) and "\n" not in str(e.value)
   assert "pass --coordinator_address=HOST0:PORT" in str(e.value)
 

@@ -89,6 +89,11 @@ def eval_config():
   e.poll_seconds = 30.0  # how often the watcher looks for new checkpoints
   e.seed = 0
   e.batch_size = 16  # rows generated or scored together
+  # Devices each process generates on (tfusion/generate/engine.py): sizes over this process's
+  # own devices as config.mesh's (-1: all of them); rows over data x fsdp, params sharded by
+  # the logical rules (fsdp / tensor for a model too big for one device). 1, 1, 1: one device.
+  # Processes split the prompts between them (blocks of batches), whatever this says.
+  e.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
   # Text to image (fid, clip): prompts from a captions file (.txt one per line, or .jsonl with
   # "caption"); the first num_samples in a seeded random order (the paper: 30k COCO val).
   e.prompts = ""

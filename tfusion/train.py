@@ -585,7 +585,7 @@ def _local_tpu_chips():
     return 0
 
 
-def _maybe_initialize_distributed(flags_values):
+def initialize_distributed(flags_values):
   """jax.distributed.initialize from the flags or the environment (distributed_setup)."""
   setup = distributed_setup(os.environ, coordinator_address=flags_values.coordinator_address,
                             num_processes=flags_values.num_processes,
@@ -623,7 +623,7 @@ def main():
     del argv
     logs.setup_console()  # our lines on stderr (W/logs/ once the run owns W); absl quiet
     try:
-      _maybe_initialize_distributed(flags.FLAGS)
+      initialize_distributed(flags.FLAGS)
     except DistributedSetupError as e:
       print(f"tfusion-train: error: {e}", file=sys.stderr)
       sys.exit(2)

@@ -47,15 +47,27 @@ def _init_fn(config):
   return init
 
 
+def _abstract_params(config):
+  """(boxed, unboxed) ShapeDtypeStructs of the model's variables {"params": ...}."""
+  model = build_model(config)
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), *dummy_inputs(config.model))
+  return boxed, nn.meta.unbox(boxed)
+
+
+def param_shardings(config, mesh, abstract=None):
+  """NamedShardings of the model's variables {"params": ...} on `mesh` (the logical rules);
+  `abstract`: _abstract_params(config) when the caller has it already."""
+  boxed, abstract_params = abstract or _abstract_params(config)
+  # With shapes, a mesh axis that does not divide a dimension falls back to the next rule.
+  return sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, shapes=abstract_params)
+
+
 def state_shardings(config, mesh):
   """NamedShardings of the train state, from the model's logical axis names."""
-  model = build_model(config)
   tx, _ = optim.make_optimizer(config.optim)
-  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), *dummy_inputs(config.model))
-  abstract_params = nn.meta.unbox(boxed)
-  # With shapes, a mesh axis that does not divide a dimension falls back to the next rule.
-  param_shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh,
-                                                 shapes=abstract_params)
+  abstract = _abstract_params(config)
+  abstract_params = abstract[1]
+  shardings = param_shardings(config, mesh, abstract)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -64,7 +76,7 @@ def state_shardings(config, mesh):
   by_suffix = {}
   for path, leaf in flat_params:
     by_suffix[_path_key(path)] = leaf.shape
-  flat_shard = dict(zip([_path_key(p) for p, _ in flat_params], jax.tree.leaves(param_shardings)))
+  flat_shard = dict(zip([_path_key(p) for p, _ in flat_params], jax.tree.leaves(shardings)))
 
   def opt_sharding(path, leaf):
     key = _path_key(path)
@@ -74,9 +86,9 @@ def state_shardings(config, mesh):
     return replicated
 
   opt_shardings = jax.tree.map_with_path(opt_sharding, abstract_opt)
-  out = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+  out = {"params": shardings, "opt_state": opt_shardings, "step": replicated}
   if ema.enabled(config):
-    out[ema.KEY] = param_shardings
+    out[ema.KEY] = shardings
   return out
 
 

@@ -1,11 +1,17 @@
 """`tfusion-eval --workdir W [--config C] [--once] [--suites fid,clip,caption,ppl,mc]`.
 
 Watches W/checkpoints and evaluates every complete checkpoint once per suite, oldest first:
-restores the params on its own mesh (one device), runs the suites (tfusion/evaluate/suites.py),
-appends one line per (step, suite) to W/metrics/eval.jsonl (with the settings used and the
-training FLOPs at that step, for scaling plots) and TensorBoard (W/tb/eval). What is done is
+restores the params on its own mesh (this process's devices, config.eval.mesh: one by
+default), runs the suites (tfusion/evaluate/suites.py), appends one line per (step, suite) to
+W/metrics/eval.jsonl (with the settings used and the training FLOPs at that step, for scaling
+plots) and TensorBoard (W/tb/eval). What is done is
 recorded in W/metrics/eval_state.json after each suite, so a killed watcher restarted later
-neither redoes nor skips work. Orbax only exposes a checkpoint once it is completely written,
+neither redoes nor skips work.
+
+Several processes (every host of a pod, started like tfusion-train: --coordinator_address,
+--num_processes, --process_id, or the environment): each restores the params onto its own
+devices and generates its share of the prompts (suites.py); process 0 alone writes results
+and eval_state.json. Orbax only exposes a checkpoint once it is completely written,
 so a checkpoint being saved is never read. Without --once it stops after evaluating the
 run's final step (config.train.steps).
 
@@ -119,6 +125,9 @@ def load_done(workdir):
 
 
 def _save_done(workdir, done):
+  import jax
+  if jax.process_index() != 0:  # every process keeps `done` in memory; process 0 writes it
+    return
   path = _state_path(workdir)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp"
@@ -140,12 +149,28 @@ def _with_eval_overrides(stored, config):
   return stored
 
 
+def local_mesh(eval_config=None):
+  """This process's mesh for eval (config.eval.mesh over jax.local_devices(); -1 fills)."""
+  import jax
+  from tfusion import sharding
+  sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+  given = eval_config.get("mesh") if eval_config is not None else None
+  sizes.update({a: int(given[a]) for a in sizes if given is not None and a in given})
+  devices = jax.local_devices()
+  if -1 not in sizes.values():
+    need = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+    if need > len(devices):
+      raise ValueError(f"config.eval.mesh {sizes} needs {need} devices; this process has "
+                       f"{len(devices)}")
+    devices = devices[:need]
+  return sharding.make_mesh(sizes, devices=devices)
+
+
 def evaluate_checkpoint(workdir, step, suites, *, config=None, done=None, writer=None, log=print):
   """Runs `suites` on checkpoint `step`; returns {suite: metrics}. Records progress in `done`."""
-  import jax
-  from tfusion import sharding, train_state
+  from tfusion import train_state
 
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  mesh = local_mesh(config.eval if config is not None else None)
   weights = config.eval.get("weights", "auto") if config is not None else "auto"
   ema.check_weights(weights)
   try:
@@ -159,7 +184,7 @@ def evaluate_checkpoint(workdir, step, suites, *, config=None, done=None, writer
                                  f"({type(e).__name__}: {str(e)[:200]})") from e
   cfg = _with_eval_overrides(stored, config)
   check_inputs(cfg, suites)
-  ctx = suites_lib.EvalContext(cfg, params, step, workdir, log=log)
+  ctx = suites_lib.EvalContext(cfg, params, step, workdir, log=log, mesh=mesh)
   ctx.settings["weights"] = source  # recorded with every result: ema or raw
   train_flops = step * flops.train_flops_per_step(cfg, train_state.param_count(params))
   return run_suites(ctx, suites, train_flops=train_flops, done=done, writer=writer, log=log)
@@ -256,13 +281,21 @@ def main(argv=None):
   flags.DEFINE_string("workdir", None, "the training run's directory")
   flags.DEFINE_bool("once", False, "evaluate the checkpoints present now, then exit")
   flags.DEFINE_string("suites", None, "comma-separated suites (default config.eval.suites)")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)")
+  flags.DEFINE_integer("num_processes", None, "number of processes (with coordinator_address)")
+  flags.DEFINE_integer("process_id", None, "this process's id (with coordinator_address)")
   flags.mark_flags_as_required(["workdir"])
   config_cli.define_show_flag()
 
   def _run(argv):
     del argv
     from tfusion import logs
+    from tfusion import train as train_lib
     f = flags.FLAGS
+    try:  # every host of a pod runs tfusion-eval; they split the sampling (suites.py)
+      train_lib.initialize_distributed(f)
+    except train_lib.DistributedSetupError as e:
+      config_cli.fail("tfusion-eval", str(e))
     logs.setup_job_logging(f.workdir, "eval")  # the watcher's decisions, on screen and in W/logs/
     config = f.config
     if config is None:

@@ -9,6 +9,12 @@ Built in (configured by `config.eval`, see tfusion/configlib.py):
   loss     the training objective (text and image loss) on held-out records
 Scripts add their own with `register_suite(name, fn)`; fn(context) -> {metric: float}.
 Suites share one `EvalContext` per checkpoint, so fid and clip score the same samples.
+
+Several processes (tfusion-eval on every host of a pod): each generates a contiguous block of
+the prompts' batches on its own devices (config.eval.mesh), keeps them in the resumable sample
+cache (a chunk per batch, named by its first row: processes never write the same chunk), and
+the latents are gathered in prompt order, so every process scores the same samples as one
+process would (each prompt's noise comes from its own key, fold_in(seed, row)).
 """
 
 import functools
@@ -35,8 +41,10 @@ def _split(spec):
 class EvalContext:
   """What suites need for one checkpoint, built lazily and shared between suites."""
 
-  def __init__(self, config, params, step, workdir, log=None):
+  def __init__(self, config, params, step, workdir, log=None, mesh=None):
+    """mesh: this process's generation mesh (job.local_mesh); None or one device: as is."""
     self.config, self.params, self.step, self.workdir = config, params, step, workdir
+    self.mesh = mesh if mesh is not None and mesh.devices.size > 1 else None
     self.settings = {}  # recorded with the results (sampler, steps, guidance, ...)
     self.log = log or (lambda message: None)
 
@@ -65,7 +73,7 @@ class EvalContext:
   def generator(self):
     from tfusion.generate import engine
     return engine.Generator(self.config, self.params,
-                            engine.SpecialTokens.from_tokenizer(self.tokenizer))
+                            engine.SpecialTokens.from_tokenizer(self.tokenizer), mesh=self.mesh)
 
   @functools.cached_property
   def scorer(self):
@@ -101,9 +109,15 @@ class EvalContext:
                          num_samples=len(captions), **objective.sampling_settings())
     ids = [self.tokenizer.encode(c) for c in captions]
     cache = sample_cache.ChunkCache(self._sample_dir(captions))
-    progress = sample_cache.Progress(len(ids), self.log)
+    # Recorded, not part of the cache key: chunks do not depend on who drew them.
+    import jax
+    self.settings.update(processes=jax.process_count(),
+                         devices_per_process=1 if self.mesh is None else self.mesh.devices.size)
+    starts = process_batches(len(ids), e.batch_size)[jax.process_index()]
+    mine = sum(len(ids[s:s + e.batch_size]) for s in starts)
+    progress = sample_cache.Progress(mine, self.log)
     latents = []
-    for start in range(0, len(ids), e.batch_size):
+    for start in starts:
       chunk = ids[start:start + e.batch_size]
       done = cache.get(start, len(chunk))
       if done is not None:
@@ -116,12 +130,19 @@ class EvalContext:
         cache.put(start, done)
         progress.update(len(chunk))
       latents.append(done)
-    return output.decode_latents(self.vae, np.concatenate(latents))
+    shape = (0, *self.generator.latent_shape)
+    local = np.concatenate(latents) if latents else np.zeros(shape, np.float32)
+    return output.decode_latents(self.vae, gather_rows(local, len(ids), e.batch_size))
 
   def clear_samples(self):
-    """Deletes this checkpoint's kept samples (once every suite that reads them is done)."""
+    """Deletes this checkpoint's kept samples (once every suite that reads them is done; with
+    several processes, once all are done: each deletes, whichever finds the files)."""
     import glob
     import shutil
+    import jax
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"tfusion:eval-clear-samples-{self.step}")
     if self.workdir:
       pattern = os.path.join(self.workdir, "eval_cache", "samples", f"step{self.step}-*")
       for directory in glob.glob(pattern):
@@ -142,6 +163,36 @@ class EvalContext:
     """(captions, uint8 images) of the evaluation prompts, shared by fid and clip."""
     captions = self.prompts
     return captions, self.generate_images(captions)
+
+
+def process_batches(count, batch_size, num_processes=None):
+  """First rows of the batches each process generates: [per process: [start, ...]].
+
+  Batches of `batch_size` rows (as on one process, so chunks and samples do not depend on
+  the process count), dealt out in contiguous blocks: process 0 the first ones.
+  """
+  import jax
+  n = jax.process_count() if num_processes is None else num_processes
+  starts = np.arange(0, count, batch_size)
+  return [[int(s) for s in block] for block in np.array_split(starts, n)]
+
+
+def gather_rows(local, count, batch_size):
+  """Every process's rows (from `process_batches`) in prompt order, on every process."""
+  import jax
+  n = jax.process_count()
+  if n == 1:
+    return local
+  from jax.experimental import multihost_utils
+  sizes = [sum(min(batch_size, count - s) for s in block)
+           for block in process_batches(count, batch_size, n)]
+  if len(local) != sizes[jax.process_index()]:
+    raise RuntimeError(f"process {jax.process_index()} holds {len(local)} rows, expected "
+                       f"{sizes[jax.process_index()]}")
+  padded = np.zeros((max(sizes), *local.shape[1:]), local.dtype)
+  padded[:len(local)] = local
+  everyone = np.asarray(multihost_utils.process_allgather(padded))  # [processes, max, ...]
+  return np.concatenate([everyone[p, :size] for p, size in enumerate(sizes)])
 
 
 def sample_prompts(path, count, seed):

@@ -6,24 +6,36 @@ in the checkpoint) before anything is compiled or run.
 
 Randomness is per sample: callers pass one PRNG key per row (`sample_keys`), so a sample is
 the same whether drawn alone or in a batch.
+
+Data parallel over a mesh (`mesh=`, axes ('data', 'fsdp', 'tensor') as in training): the rows
+of a batch (tokens, KV cache, latents, keys) are split over data x fsdp, the params placed by
+the logical rules of tfusion/sharding.py (fsdp / tensor shard a model too big for one device),
+and the model's activation constraints apply as in training. The task methods (text_to_image,
+caption, complete, interleaved) pad a batch to a multiple of data x fsdp with copies of its
+last row (and key) and drop those rows after: a real row keeps its key, so its sample does not
+depend on the device count. The building blocks (prefill, decode_text, ...) need batches that
+divide. Without a mesh everything runs where the params are (as before).
 """
 
 import dataclasses
 import functools
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from tfusion import diffusion
+from tfusion import diffusion, sharding
 from tfusion.generate import context as context_lib
 from tfusion.generate import image as image_lib
 from tfusion.generate import text as text_lib
 from tfusion.model import transfusion
 
 IMAGE_LAYERS = ("time_embedding", "image_in", "image_out")
-_JITS = {}  # (model config, piece) -> jitted function; compiled once per process
+_JITS = {}  # (model config, piece, mesh) -> jitted function; compiled once per process
+BATCH_AXES = ("data", "fsdp")  # mesh axes the rows of a batch are split over (as in training)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +98,18 @@ class Generator:
     max_len: cache length; default config.model.max_len (the model's context).
     fast_compile: compile with XLA's backend optimisations off (about 3x faster compiles on
       CPU, slower runs: tests and smoke runs).
+    mesh: a jax Mesh with axes ('data', 'fsdp', 'tensor') (tfusion.sharding.make_mesh) to
+      generate on: rows over data x fsdp, params placed by the logical rules. None: one device.
   """
 
-  def __init__(self, config, params, special, *, max_len=None, fast_compile=False):
+  def __init__(self, config, params, special, *, max_len=None, fast_compile=False, mesh=None):
     self.config = config
     self.fast_compile = bool(fast_compile)
+    self.mesh = mesh
+    self.row_multiple = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if mesh is not None:
+      from tfusion import train_state
+      params = jax.device_put(params, train_state.param_shardings(config, mesh))
     self.params = params
     self.special = special
     self.max_len = int(max_len or config.model.max_len)
@@ -109,18 +128,54 @@ class Generator:
   # ------------------------------------------------------------------ jitted pieces
 
   def _jit(self, name, fn, static=()):
-    """jax.jit of `model.apply(params, *args, method=fn)`, shared by Generators of one model."""
-    key = (self._model_key, name, self.fast_compile)
+    """jax.jit of `model.apply(params, *args, method=fn)`, shared by Generators of one model
+    (and mesh); with a mesh, traced and run under it and the logical rules."""
+    key = (self._model_key, name, self.fast_compile, self.mesh)
     if key not in _JITS:
-      model, intra = self.model, self._intra
+      model, intra, mesh = self.model, self._intra, self.mesh
 
       def run(params, *args, **static_kwargs):
         method = functools.partial(fn, intra_image=intra, **static_kwargs)
         return model.apply(params, *args, method=method)
 
       options = {"xla_backend_optimization_level": 0} if self.fast_compile else None
-      _JITS[key] = jax.jit(run, static_argnames=static, compiler_options=options)
+      jitted = jax.jit(run, static_argnames=static, compiler_options=options)
+      if mesh is None:
+        _JITS[key] = jitted
+      else:
+        def on_mesh(*args, **kwargs):
+          with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+            return jitted(*args, **kwargs)
+        _JITS[key] = on_mesh
     return _JITS[key]
+
+  # ------------------------------------------------------------------ rows on the mesh
+
+  def _rows(self, x, axis=0):
+    """Puts an array's rows (dimension `axis`) on the mesh's batch axes (no mesh: as is)."""
+    if self.mesh is None:
+      return x
+    if x.shape[axis] % self.row_multiple:
+      raise ValueError(f"a batch of {x.shape[axis]} rows does not divide the mesh's batch axes "
+                       f"data x fsdp = {self.row_multiple} (the task methods pad; the building "
+                       "blocks do not)")
+    spec = [None] * x.ndim
+    spec[axis] = BATCH_AXES
+    return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
+
+  def _padding(self, batch_size):
+    """Rows to add so that `batch_size` divides the batch axes."""
+    return -batch_size % self.row_multiple
+
+  @staticmethod
+  def _pad_rows(x, pad):
+    """x with its last row repeated `pad` more times (numpy or jax; lists: the last item)."""
+    if not pad:
+      return x
+    if isinstance(x, list):
+      return x + [x[-1]] * pad
+    xp = np if isinstance(x, np.ndarray) else jnp
+    return xp.concatenate([x, xp.repeat(x[-1:], pad, axis=0)])
 
   def _objective_name(self):
     return self.config.diffusion.objective
@@ -133,7 +188,16 @@ class Generator:
   # ------------------------------------------------------------------ building blocks
 
   def new_context(self, batch_size):
-    return context_lib.init_context(self.config.model, batch_size, self.max_len)
+    ctx = context_lib.init_context(self.config.model, batch_size, self.max_len)
+    if self.mesh is None:
+      return ctx
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    return ctx._replace(cache=jax.tree.map(lambda x: self._rows(x, 1), ctx.cache),
+                        segment_ids=self._rows(ctx.segment_ids),
+                        positions=self._rows(ctx.positions),
+                        image_index=self._rows(ctx.image_index),
+                        next_position=self._rows(ctx.next_position),
+                        cursor=jax.device_put(ctx.cursor, replicated))
 
   def room(self, ctx):
     """Free cache slots of `ctx` (a host int)."""
@@ -148,7 +212,7 @@ class Generator:
                        f"of the context (config.model.max_len={self.max_len})")
     active = jnp.ones(tokens.shape, bool) if active is None else jnp.asarray(active, bool)
     logits, ctx = self._jit("append_tokens", context_lib.append_tokens)(
-        self.params, ctx, tokens, active)
+        self.params, ctx, self._rows(tokens), self._rows(active))
     return ctx, logits
 
   def prefill(self, prompts, *, reserve=0, pad_multiple=8, ctx=None):
@@ -206,7 +270,8 @@ class Generator:
       return TextResult(empty, np.zeros(b, np.int32), np.full(b, -1, np.int32)), ctx, logits
     fn = self._jit("decode", text_lib.decode,
                    static=("max_new_tokens", "greedy", "return_logits"))
-    out = fn(self.params, ctx, logits, jnp.asarray(keys), done, jnp.asarray(stop_ids, jnp.int32),
+    out = fn(self.params, ctx, logits, self._rows(jnp.asarray(keys)), self._rows(done),
+             jnp.asarray(stop_ids, jnp.int32),
              jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), max_new_tokens=n,
              greedy=temperature == 0, return_logits=return_logits)
     result = TextResult(np.asarray(out["tokens"]), np.asarray(out["lengths"]),
@@ -272,7 +337,8 @@ class Generator:
     times = jnp.asarray(objective.sampling_times(steps))
     fn = self._jit("sample", image_lib.sample,
                    static=("objective", "sampler", "guided", "latent_shape", "clip_x0"))
-    return fn(self.params, ctx, jnp.asarray(keys), active, times, jnp.float32(scale),
+    return fn(self.params, ctx, self._rows(jnp.asarray(keys)), self._rows(active), times,
+              jnp.float32(scale),
               objective=objective, sampler=sampler, guided=guided,
               latent_shape=self.latent_shape, clip_x0=None)
 
@@ -289,7 +355,8 @@ class Generator:
     b = latents.shape[0]
     active = jnp.ones((b,), bool) if active is None else jnp.asarray(active, bool)
     fn = self._jit("append_image", context_lib.append_image, static=("eoi_id",))
-    logits, ctx = fn(self.params, ctx, latents, active, eoi_id=self.special.eoi)
+    logits, ctx = fn(self.params, ctx, self._rows(latents), self._rows(active),
+                     eoi_id=self.special.eoi)
     return ctx, logits
 
   def _check_ids(self, prompts):
@@ -313,10 +380,13 @@ class Generator:
       keys: [B, 2] per-sample keys (`sample_keys`).
     """
     self.check_text_to_image(prompts, sampler, steps, clip_x0, sampling)
-    s = self.special
+    s, b = self.special, len(prompts)
+    pad = self._padding(b)  # copies of the last row, dropped below; real rows keep their keys
+    prompts, keys = self._pad_rows(list(prompts), pad), self._pad_rows(jnp.asarray(keys), pad)
     ctx, _ = self.prefill([[s.bos, *p, s.boi] for p in prompts], reserve=self.num_patches + 1)
-    return self.sample_image(ctx, keys, sampler=sampler, steps=steps,
-                             guidance_scale=guidance_scale, clip_x0=clip_x0, sampling=sampling)
+    latents = self.sample_image(ctx, keys, sampler=sampler, steps=steps,
+                                guidance_scale=guidance_scale, clip_x0=clip_x0, sampling=sampling)
+    return latents[:b] if pad else latents
 
   def check_text_to_image(self, prompts, sampler=None, steps=None, clip_x0=None, sampling=None):
     """The checks of `text_to_image` (ValueError), without running anything."""
@@ -329,21 +399,29 @@ class Generator:
     """Text for each image: <bos> <boi> image <eoi> -> generated ids (lists, without <eos>)."""
     check_image_layers(self.params, self.config)
     latents = np.asarray(latents, np.float32)
-    s = self.special
+    s, b = self.special, latents.shape[0]
+    pad = self._padding(b)
+    latents, keys = self._pad_rows(latents, pad), self._pad_rows(jnp.asarray(keys), pad)
     ctx, _ = self.prefill([[s.bos, s.boi]] * latents.shape[0], pad_multiple=1,
                           reserve=self.num_patches + 1)
     ctx, logits = self.append_image(ctx, latents)
     result, _, _ = self.decode_text(ctx, logits, keys, max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_p=top_p)
-    return [result.ids(i) for i in range(latents.shape[0])]
+    return [result.ids(i) for i in range(b)]
 
   def complete(self, prompts, keys, *, max_new_tokens=32, temperature=0.0, top_p=1.0,
                stop_ids=None):
     """Text continuation of <bos> prompt. -> TextResult."""
     self._check_lengths(prompts, extra=1, what="with <bos>")
+    b = len(prompts)
+    pad = self._padding(b)
+    prompts, keys = self._pad_rows(list(prompts), pad), self._pad_rows(jnp.asarray(keys), pad)
     ctx, logits = self.prefill([[self.special.bos, *p] for p in prompts])
     result, _, _ = self.decode_text(ctx, logits, keys, max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_p=top_p, stop_ids=stop_ids)
+    if pad:
+      result = TextResult(*(None if x is None else x[:b] for x in (
+          result.tokens, result.lengths, result.stop_token, result.logits)))
     return result
 
   def interleaved(self, prompts, keys, *, num_images=1, max_text_tokens=32, temperature=0.0,
@@ -365,8 +443,10 @@ class Generator:
     self.check_interleaved(prompts, num_images, sampler, steps, clip_x0, sampling)
     s, n = self.special, self.num_patches
     need = 1 + (n + 2 if num_images else 0)
+    real = len(prompts)
+    pad = self._padding(real)
+    prompts, keys = self._pad_rows(list(prompts), pad), self._pad_rows(jnp.asarray(keys), pad)
     b = len(prompts)
-    keys = jnp.asarray(keys)
     ctx, logits = self.prefill([[s.bos, *p] for p in prompts], reserve=need - 1)
     out = [[] for _ in range(b)]
     done = np.zeros(b, bool)
@@ -395,7 +475,7 @@ class Generator:
       latents = np.asarray(latents)
       for i in np.flatnonzero(drawing):
         out[i].append(("image", latents[i]))
-    return out
+    return out[:real]
 
   def check_interleaved(self, prompts, num_images, sampler=None, steps=None, clip_x0=None,
                         sampling=None):
