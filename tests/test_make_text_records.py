@@ -95,7 +95,8 @@ def test_bad_inputs_are_one_line_and_nothing_is_lost(corpus, tmp_path, capsys):
     assert len(err) == 1, err
     return err[0]
 
-  assert "already holds 1 text shards" in fails("--input", str(corpus), "--out", str(out))
+  assert "holds text records of another run (inputs changed)" in fails(
+      "--input", str(corpus), "--out", str(out))
   assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
   assert "missing.txt" in fails("--input", str(tmp_path / "missing.txt"), "--out", str(out))
   (tmp_path / "latin1.txt").write_bytes("a good doc\n\ncaf\xe9\n".encode("latin-1"))
@@ -105,3 +106,34 @@ def test_bad_inputs_are_one_line_and_nothing_is_lost(corpus, tmp_path, capsys):
   # --overwrite replaces the old shards.
   mtr.main(["--input", str(corpus / "b.jsonl"), "--out", str(out), "--overwrite"])
   assert [r["text"] for r in _read_all(out)] == ["Fourth doc.", "Fifth doc."]
+
+
+def test_rerun_resumes_by_input_file_and_hosts_split_the_files(corpus, tmp_path, capsys):
+  (corpus / "c.jsonl").write_text("\n".join(json.dumps({"text": f"doc c{i}"}) for i in range(5)))
+  files = mtr.input_files(str(corpus))
+  mtr.make_text_records(files, str(tmp_path / "one"), shard_size=2, show_progress=False)
+  want = [r["text"] for r in _read_all(tmp_path / "one")]
+  assert len(want) == 10
+  # Two hosts: each writes the files F with F % 2 == its index; together the same records.
+  both = tmp_path / "two"
+  parts = [mtr.make_text_records(files, str(both), shard_size=2, show_progress=False,
+                                 process_index=p, process_count=2) for p in (0, 1)]
+  assert [p["written"] for p in parts] == [3 + 5, 2]  # a.txt + c.jsonl on host 0, b.jsonl on 1
+  assert [r["text"] for r in _read_all(both)] == want
+  # A run cut short inside c.jsonl (its marker never written, a half shard left): the rerun
+  # keeps a.txt and b.jsonl and writes c.jsonl again, nothing twice.
+  out = tmp_path / "one"
+  os.remove(out / "text-00002.done.json")
+  os.remove(out / "text-00002-0002.array_record")
+  (out / "text-00002-0001.array_record").write_bytes(b"half")
+  (out / "text-00002-0007.array_record.tmp").write_bytes(b"being written when killed")
+  a_txt = (out / "text-00000-0000.array_record").stat().st_mtime_ns
+  mtr.main(["--input", str(corpus), "--out", str(out), "--shard_size", "2"])
+  assert ("wrote 10 text records in 6 shards to "
+          f"{out} (2 input files were already done)") in capsys.readouterr().out
+  assert (out / "text-00000-0000.array_record").stat().st_mtime_ns == a_txt
+  assert not list(out.glob("*.tmp"))
+  assert [r["text"] for r in _read_all(out)] == want
+  # Another shard size is another run: refused in one line.
+  with pytest.raises(ValueError, match=r"another run \(shard_size changed\)"):
+    mtr.make_text_records(files, str(out), shard_size=3, show_progress=False)
