@@ -158,6 +158,34 @@ def open_checkpoints(workdir, state, log):
   return manager, start, state
 
 
+def run_steps(state, step_fn, train, *, start, steps, batch_size, seed, manager, log_every,
+              line, log):
+  """The training loop of both autoencoder trainers, from `start` to `steps`.
+
+  step_fn(state, images [batch_size, H, W, 3], key, step) -> (state, aux of scalars). Batches
+  and keys depend on (seed, step) only, so a resumed run continues identically. The first step
+  of a run is logged too (it shows compilation is done), then every `log_every` and the last:
+  `line("step/steps", aux)` is the message. Checkpoints every 500 steps and at the end when `manager`.
+  Returns (state, history [{"step", **aux}], seconds).
+  """
+  history = []
+  t0 = time.perf_counter()
+  for step in range(start, steps):
+    batch_rng = np.random.default_rng([seed, step])
+    x = train[batch_rng.integers(0, len(train), batch_size)]
+    state, aux = step_fn(state, x, jax.random.fold_in(jax.random.PRNGKey(seed), step), step)
+    if step == start or (step + 1) % max(log_every, 1) == 0 or step + 1 == steps:
+      aux = {k: float(v) for k, v in aux.items()}
+      history.append({"step": step + 1, **aux})
+      log(f"{line(f'{step + 1}/{steps}', aux)} ({time.perf_counter() - t0:.0f}s)")
+    if manager is not None and ((step + 1) % 500 == 0 or step + 1 == steps):
+      manager.save(step + 1, args=ocp.args.StandardSave(state))
+  if manager is not None:
+    manager.wait_until_finished()
+    manager.close()
+  return state, history, time.perf_counter() - t0
+
+
 def train_vae(images, config: VAEConfig, *, steps=2000, batch_size=32, lr=1e-3, kl_weight=1e-4,
               holdout=0.05, seed=0, workdir=None, extra_losses=(), log_every=100, log=print):
   """Trains on `images` (float [N, H, W, 3] in [-1, 1]). Returns (VAE with stats, report)."""
@@ -186,29 +214,15 @@ def train_vae(images, config: VAEConfig, *, steps=2000, batch_size=32, lr=1e-3, 
   if workdir:
     check_workdir(workdir, config)
   manager, start, state = open_checkpoints(workdir, state, log)
-  history = []
-  t0 = time.perf_counter()
-  for step in range(start, steps):
-    # Batches and noise depend on (seed, step) only, so a resumed run continues identically.
-    batch_rng = np.random.default_rng([seed, step])
-    x = train[batch_rng.integers(0, len(train), batch_size)]
-    state, aux = step_fn(state, x, jax.random.fold_in(jax.random.PRNGKey(seed), step))
-    # The first step of a run is logged too: it shows compilation is done and the loss.
-    if step == start or (step + 1) % max(log_every, 1) == 0 or step + 1 == steps:
-      aux = {k: float(v) for k, v in aux.items()}
-      history.append({"step": step + 1, **aux})
-      log(f"vae step {step + 1}/{steps} loss {aux['loss']:.4f} l1 {aux['l1']:.4f} "
-          f"kl {aux['kl']:.3f} ({time.perf_counter() - t0:.0f}s)")
-    if manager is not None and ((step + 1) % 500 == 0 or step + 1 == steps):
-      manager.save(step + 1, args=ocp.args.StandardSave(state))
-  if manager is not None:
-    manager.wait_until_finished()
-    manager.close()
+  state, history, seconds = run_steps(
+      state, lambda st, x, key, step: step_fn(st, x, key), train, start=start, steps=steps,
+      batch_size=batch_size, seed=seed, manager=manager, log_every=log_every, log=log,
+      line=lambda at, a: f"vae step {at} loss {a['loss']:.4f} l1 {a['l1']:.4f} kl {a['kl']:.3f}")
   vae = vae_lib.VAE(config, state["params"])
   recon = np.asarray(vae.decode(vae.encode(held)))
   mean, std = latent_statistics(vae, train[:2048])
   report = {"heldout_psnr": psnr(held, recon), "heldout_images": len(held), "steps": steps,
-            "train_seconds": time.perf_counter() - t0, "history": history}
+            "train_seconds": seconds, "history": history}
   return vae.with_stats(mean, std), report
 
 

@@ -7,13 +7,10 @@ average are restarted on vectors of the current batch every `restart_every` step
 resume and the architecture check are the KL trainer's (tfusion/vae/train.py).
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from tfusion import vae as vae_lib
 from tfusion.vae import quantizer, train as train_lib, vq as vq_lib
@@ -65,29 +62,21 @@ def train_vq(images, config, *, num_codes=1024, code_dim=None, steps=2000, batch
     train_lib.check_workdir(workdir, config, {"kind": "vq", "num_codes": num_codes,
                                               "code_dim": code_dim})
   manager, start, state = train_lib.open_checkpoints(workdir, state, log)
-  history = []
-  t0 = time.perf_counter()
-  for step in range(start, steps):
-    batch_rng = np.random.default_rng([seed, step])  # batches depend on (seed, step): resumable
-    x = train[batch_rng.integers(0, len(train), batch_size)]
+
+  def one_step(st, x, key, step):
     restart = (step + 1) % max(restart_every, 1) == 0 and step + 1 < steps
-    state, aux = step_fn(state, x, jax.random.fold_in(jax.random.PRNGKey(seed), step), restart)
-    if step == start or (step + 1) % max(log_every, 1) == 0 or step + 1 == steps:
-      aux = {k: float(v) for k, v in aux.items()}
-      history.append({"step": step + 1, **aux})
-      log(f"vq step {step + 1}/{steps} loss {aux['loss']:.4f} l1 {aux['l1']:.4f} commitment "
-          f"{aux['commitment']:.4f} code perplexity {aux['perplexity']:.1f} "
-          f"({time.perf_counter() - t0:.0f}s)")
-    if manager is not None and ((step + 1) % 500 == 0 or step + 1 == steps):
-      manager.save(step + 1, args=ocp.args.StandardSave(state))
-  if manager is not None:
-    manager.wait_until_finished()
-    manager.close()
+    return step_fn(st, x, key, restart)
+
+  state, history, seconds = train_lib.run_steps(
+      state, one_step, train, start=start, steps=steps, batch_size=batch_size, seed=seed,
+      manager=manager, log_every=log_every, log=log,
+      line=lambda at, a: (f"vq step {at} loss {a['loss']:.4f} l1 {a['l1']:.4f} commitment "
+                      f"{a['commitment']:.4f} code perplexity {a['perplexity']:.1f}"))
   vq = vq_lib.VQVAE(config, state["params"], state["codebook"]["codebook"])
   codes = np.asarray(vq.encode_codes(held))
   recon = np.asarray(vq.decode_codes(codes))
   report = {"heldout_psnr": train_lib.psnr(held, recon), "heldout_images": len(held),
-            "steps": steps, "train_seconds": time.perf_counter() - t0, "history": history,
+            "steps": steps, "train_seconds": seconds, "history": history,
             "code_shape": list(codes.shape[1:]),
             "heldout_usage": quantizer.usage_stats(codes, num_codes)}
   return vq, report
