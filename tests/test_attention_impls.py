@@ -1,9 +1,11 @@
-"""Blocked attention kernels (chunked XLA, Pallas TPU in interpret mode) equal the dense reference.
+"""Blocked attention kernels (chunked XLA, Pallas TPU / GPU interpreted) equal the dense reference.
 
 Outputs and gradients w.r.t. q, k, v on random packed rows plus hand-made edge rows (image at
 the row start / end, a padding row, a non-contiguous row as the decode cache makes), GQA, both
 intra_image modes, fp32 and bf16, L not a multiple of the blocks. The block ranges are checked
 to be exactly the hull of the live blocks of the dense mask (skipping is both safe and real).
+The Pallas GPU kernels are also lowered to Triton IR for CUDA on the CPU (no GPU needed), which
+checks the Triton constraints Pallas enforces (power-of-two tiles) but not Triton's compiler.
 """
 
 import functools
@@ -16,7 +18,8 @@ import pytest
 
 import layouts
 from tfusion import configlib
-from tfusion.model import attention, attention_chunked, attention_intervals, attention_pallas_tpu
+from tfusion.model import attention, attention_chunked, attention_intervals, attention_pallas_gpu
+from tfusion.model import attention_pallas_tpu
 from tfusion.model import transfusion
 
 N_PATCHES = 4
@@ -47,18 +50,20 @@ def _layout(rng, length):
 
 
 CASES = {
-    # name: (dtype, intra_image, length, heads, kv_heads, block_q, block_k)
-    "f32_bidir_gqa": (jnp.float32, "bidirectional", 45, 4, 2, 8, 16),
-    "bf16_causal_mha": (jnp.bfloat16, "causal", 40, 2, 2, 16, 8),
+    # name: (dtype, intra_image, length, heads, kv_heads, head_dim, block_q, block_k)
+    "f32_bidir_gqa": (jnp.float32, "bidirectional", 45, 4, 2, 8, 8, 16),
+    "bf16_causal_mha": (jnp.bfloat16, "causal", 40, 2, 2, 8, 16, 8),
+    # Triton-sized tiles (powers of two >= 16), multi-query, several blocks per side.
+    "f32_bidir_mqa_d16": (jnp.float32, "bidirectional", 100, 4, 1, 16, 16, 32),
 }
 TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=4e-2, rtol=4e-2)}
 
 
 def _inputs(case):
-  dtype, intra, length, heads, kv_heads, _, _ = CASES[case]
+  dtype, intra, length, heads, kv_heads, d, _, _ = CASES[case]
   rng = np.random.default_rng(len(case))
   seg, idx = _layout(rng, length)
-  b, d = seg.shape[0], 8
+  b = seg.shape[0]
   q = rng.standard_normal((b, length, heads, d))
   k = rng.standard_normal((b, length, kv_heads, d))
   v = rng.standard_normal((b, length, kv_heads, d))
@@ -87,12 +92,16 @@ def _kernel(impl, block_q, block_k):
   if impl == "chunked":
     return functools.partial(attention_chunked.chunked_attention, block_q=block_q,
                              block_k=block_k)
+  if impl == "pallas_gpu":  # backward blocks swapped: they differ from the forward's
+    return functools.partial(attention_pallas_gpu.flash_attention, block_q=block_q,
+                             block_k=block_k, bwd_block_q=block_k, bwd_block_k=block_q,
+                             interpret=True)
   return functools.partial(attention_pallas_tpu.flash_attention, block_q=block_q,
                            block_k=block_k, interpret=True)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("impl", ["chunked", "pallas_tpu"])
+@pytest.mark.parametrize("impl", ["chunked", "pallas_tpu", "pallas_gpu"])
 def test_kernel_matches_dense_outputs_and_grads(impl, case):
   dtype, *_, block_q, block_k = CASES[case]
   qkv, weight, seg, idx, intra = _inputs(case)
@@ -135,6 +144,70 @@ def test_block_ranges_are_the_hull_of_live_blocks(intra):
           assert got == want, (side, r, i, got, want)
 
 
+@pytest.mark.parametrize("intra", ["bidirectional", "causal"])
+def test_pallas_gpu_loops_visit_exactly_the_live_blocks(intra):
+  """Each GPU kernel program's loop range (fwd, dQ, dK/dV) is the hull of its live blocks."""
+  rng = np.random.default_rng(7)
+  length = 100  # padded to 128 by the 32-blocks
+  seg, idx = _layout(rng, length)
+  contiguous = np.asarray(attention_intervals.contiguous_rows(seg))
+  plan = attention_pallas_gpu.make_plan((len(seg), length, 2, 16), 1, block_q=32, block_k=16,
+                                        bwd_block_q=16, bwd_block_k=32, interpret=True)
+  assert plan.length == 128
+  iv = attention_intervals.pad_to(attention.intervals(seg, idx, intra_image=intra), plan.length)
+  mask = np.asarray(attention.dense_mask(iv))
+  ranges = attention_pallas_gpu.block_ranges(iv, plan)
+
+  def live(bq, bk):  # [B, nq, nk]
+    n = plan.length
+    return mask.reshape(len(seg), n // bq, bq, n // bk, bk).any((2, 4))
+
+  for name, blocks in [("fwd", live(plan.block_q, plan.block_k)),
+                       ("dq", live(plan.bwd_block_q, plan.bwd_block_k)),
+                       ("dkv", live(plan.bwd_block_q, plan.bwd_block_k).transpose(0, 2, 1))]:
+    first, last = map(np.asarray, ranges[name])
+    assert first.shape == blocks.shape[:2], name
+    visited = 0
+    for r in range(len(seg)):
+      for i in range(blocks.shape[1]):
+        hits = np.flatnonzero(blocks[r, i])
+        got = (first[r, i], last[r, i]) if first[r, i] <= last[r, i] else None
+        visited += 0 if got is None else got[1] - got[0] + 1
+        assert not hits.size or (got[0] <= hits[0] and hits[-1] <= got[1]), (name, r, i)
+        if contiguous[r]:
+          assert got == ((hits[0], hits[-1]) if hits.size else None), (name, r, i, got)
+    assert visited < blocks.size, f"{name}: skipping is real"
+
+
+def test_pallas_gpu_lowers_to_triton_for_cuda():
+  """Pallas -> Triton IR for CUDA, on the CPU: the lowering enforces power-of-two tiles."""
+  seg = np.ones((2, 300), np.int32)
+  seg[:, 150:] = 2
+  idx = np.full((2, 300), -1, np.int32)
+  idx[:, 10:30] = 0
+  iv = attention.intervals(seg, idx)
+
+  def lower(dtype, head_dim, **blocks):
+    def f(q, k, v):
+      loss = lambda q, k, v: attention_pallas_gpu.flash_attention(q, k, v, iv, **blocks).astype(
+          jnp.float32).sum()
+      return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+    sds = lambda h: jax.ShapeDtypeStruct((2, 300, h, head_dim), dtype)
+    return jax.jit(f).trace(sds(4), sds(2), sds(2)).lower(lowering_platforms=("cuda",)).as_text()
+
+  for dtype, head_dim, blocks in [(jnp.bfloat16, 128, {}), (jnp.float32, 64, {}),
+                                  (jnp.bfloat16, 256, dict(block_q=128, block_k=32))]:
+    text = lower(dtype, head_dim, **blocks)
+    for kernel in ["tfusion_flash_fwd", "tfusion_flash_dq", "tfusion_flash_dkv"]:
+      assert f'name = "{kernel}"' in text, (dtype, head_dim, kernel)
+  with pytest.raises(ValueError, match="power of two"):
+    lower(jnp.bfloat16, 80)
+  with pytest.raises(ValueError, match="powers of two"):
+    lower(jnp.bfloat16, 64, block_q=48)
+  with pytest.raises(ValueError, match=">= 16"):
+    lower(jnp.bfloat16, 64, block_k=8)
+
+
 def test_allowed_pairs_counts_the_mask():
   rng = np.random.default_rng(2)
   rows = [layouts.random_row(rng, 64, num_slots=6, num_patches=9) for _ in range(8)]
@@ -163,11 +236,20 @@ def test_dispatch_and_bad_settings(caplog):
     attention.dot_product_attention(q, q, q, iv, implementation="flash")
   with pytest.raises(ValueError, match="attention_impl='pallas_tpu' needs a TPU"):
     attention.dot_product_attention(q, q, q, iv, implementation="pallas_tpu")
+  with pytest.raises(ValueError, match="attention_impl='pallas_gpu' needs a GPU"):
+    attention.dot_product_attention(q, q, q, iv, implementation="pallas_gpu")
   with pytest.raises(ValueError, match="block_k % 128"):
     attention_pallas_tpu.flash_attention(q, q, q, iv, block_q=8, block_k=64)
+  with pytest.raises(ValueError, match="powers of two"):
+    attention_pallas_gpu.flash_attention(q, q, q, iv, block_q=8, block_k=24, interpret=True)
   assert attention.resolve_implementation("auto", head_dim=128, backend="tpu") == "pallas_tpu"
   assert attention.resolve_implementation("auto", head_dim=64, backend="tpu") == "chunked"
-  assert attention.resolve_implementation("auto", backend="gpu") == "chunked"
+  on_gpu = lambda head_dim: attention.resolve_implementation("auto", head_dim=head_dim,
+                                                             backend="gpu")
+  assert [on_gpu(d) for d in [None, 16, 64, 128, 256]] == ["pallas_gpu"] * 5
+  assert [on_gpu(d) for d in [8, 80, 96, 512]] == ["chunked"] * 4
+  assert attention.resolve_implementation("pallas_gpu", head_dim=64, backend="gpu") == "pallas_gpu"
+  assert attention.resolve_implementation("auto", head_dim=64, backend="cpu") == "chunked"
   with caplog.at_level(logging.WARNING):
     attention._warn_once.cache_clear()
     assert attention.resolve_implementation("jax", backend="cpu") == "chunked"
@@ -209,3 +291,33 @@ def test_transfusion_chunked_matches_dense():
   flat_want = jax.tree_util.tree_leaves_with_path(want_grads)
   for (path, want), got in zip(flat_want, jax.tree.leaves(got_grads)):
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_kernels_see_only_their_device_shard_under_a_mesh():
+  """A Pallas kernel is a custom call XLA cannot partition: per_shard hands each device its
+  rows (data) and heads (tensor) and the result equals the unsharded one."""
+  from tfusion import sharding
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, devices=jax.devices()[:4])
+  qkv, weight, seg, idx, intra = _inputs("f32_bidir_gqa")
+  iv = attention.intervals(seg, idx, intra_image=intra)
+  inner = _kernel("pallas_gpu", 8, 16)
+  seen = []
+
+  def spy(q, k, v, iv):
+    seen.append((q.shape, k.shape, iv.segment_ids.shape))
+    return inner(q, k, v, iv)
+
+  with jax.set_mesh(mesh):
+    (_, out), grads = _value_and_grads(
+        lambda q, k, v: attention.per_shard(spy, q, k, v, iv), qkv, weight)
+  b, length = seg.shape
+  assert seen[0] == ((b // 2, length, 2, 8), (b // 2, length, 1, 8), (b // 2, length))
+  (_, want_out), want_grads = _reference("f32_bidir_gqa")
+  keep = seg > 0
+  np.testing.assert_allclose(np.asarray(out)[keep], np.asarray(want_out)[keep], **TOL[jnp.float32])
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL[jnp.float32])
+  # Without a mesh the kernel gets the whole batch.
+  seen.clear()
+  attention.per_shard(spy, *qkv, iv)
+  assert seen[0][0] == qkv[0].shape

@@ -45,7 +45,8 @@ def model_config(size=None):
   m.qk_norm = False  # the paper does not use it
   m.tie_embeddings = False
   m.dtype = "float32"  # compute dtype; parameters are float32
-  # dense (reference) | chunked (XLA, blocked, any backend) | pallas_tpu | auto (tfusion/model/attention.py)
+  # dense (reference) | chunked (XLA, blocked, any backend) | pallas_tpu | pallas_gpu | auto
+  # (tfusion/model/attention.py)
   m.attention_impl = "dense"
   m.attention_block = 512  # query/key block size of the chunked / Pallas kernels
   # What the backward keeps per layer (tfusion/model/remat.py): none | minimal (= dots) | qkv |

@@ -17,7 +17,11 @@ interval bounds used to skip fully masked blocks). `dot_product_attention` dispa
   chunked     plain XLA, query/key-blocked online softmax with a recomputing custom VJP,
               O(L * block) memory on any backend (attention_chunked.py);
   pallas_tpu  Pallas TPU flash kernel with scalar-prefetched block ranges (attention_pallas_tpu.py);
-  auto        pallas_tpu on TPU when the shape fits it, chunked otherwise;
+  pallas_gpu  Pallas Triton flash kernel, per-block loops over the live block range
+              (attention_pallas_gpu.py; blocks capped at 128 queries x 64 keys forward, 64 x 64
+              backward);
+  auto        pallas_tpu on TPU when head_dim % 128 == 0, pallas_gpu on GPU when head_dim is a
+              power of two in [16, 256], chunked otherwise;
   jax         deprecated alias of auto (jax.nn.dot_product_attention with an arbitrary mask
               ran the dense XLA path; it never picked cuDNN for this mask).
 A dense bool mask (the KV-cache decode path: query rows [B, q_len, Lc]) always runs the
@@ -29,12 +33,14 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
 
 from tfusion.model import attention_intervals as iv_lib
 from tfusion.model import layout
 
 INTRA_IMAGE_CHOICES = ("bidirectional", "causal")
-IMPLEMENTATIONS = ("dense", "chunked", "pallas_tpu", "auto", "jax")
+IMPLEMENTATIONS = ("dense", "chunked", "pallas_tpu", "pallas_gpu", "auto", "jax")
 DEFAULT_BLOCK = 512
 Intervals = iv_lib.Intervals
 
@@ -156,12 +162,19 @@ def resolve_implementation(implementation, *, head_dim=None, backend=None):
                "ran dense XLA attention for this mask); using 'auto'")
     implementation = "auto"
   if implementation == "auto":
-    implementation = "pallas_tpu" if backend == "tpu" else "chunked"
-    if implementation == "pallas_tpu" and head_dim is not None and head_dim % 128:
-      implementation = "chunked"  # the TPU kernel wants lane-aligned heads; no warning for auto
-  if implementation == "pallas_tpu" and backend != "tpu":
-    raise ValueError(f"config.model.attention_impl='pallas_tpu' needs a TPU backend (got "
-                     f"{backend!r}); use 'chunked' or 'auto'")
+    # No warning when auto falls back: the kernels want lane-aligned (TPU) or power-of-two
+    # (Triton) heads.
+    implementation = "chunked"
+    if backend == "tpu" and (head_dim is None or head_dim % 128 == 0):
+      implementation = "pallas_tpu"
+    elif backend == "gpu":
+      from tfusion.model import attention_pallas_gpu  # pylint: disable=g-import-not-at-top
+      if head_dim is None or attention_pallas_gpu.fits(head_dim):
+        implementation = "pallas_gpu"
+  for kernel, needs in [("pallas_tpu", "tpu"), ("pallas_gpu", "gpu")]:
+    if implementation == kernel and backend != needs:
+      raise ValueError(f"config.model.attention_impl={kernel!r} needs a {needs.upper()} backend "
+                       f"(got {backend!r}); use 'chunked' or 'auto'")
   return implementation
 
 
@@ -198,8 +211,41 @@ def dot_product_attention(q, k, v, mask, *, implementation="dense", block_q=DEFA
   if implementation == "chunked":
     from tfusion.model import attention_chunked  # pylint: disable=g-import-not-at-top
     return attention_chunked.chunked_attention(q, k, v, mask, block_q=block_q, block_k=block_k)
-  from tfusion.model import attention_pallas_tpu  # pylint: disable=g-import-not-at-top
-  return attention_pallas_tpu.flash_attention(q, k, v, mask, block_q=block_q, block_k=block_k)
+  if implementation == "pallas_gpu":
+    from tfusion.model import attention_pallas_gpu  # pylint: disable=g-import-not-at-top
+    kernel = functools.partial(attention_pallas_gpu.flash_attention,
+                               block_q=min(block_q, attention_pallas_gpu.MAX_BLOCK_Q),
+                               block_k=min(block_k, attention_pallas_gpu.MAX_BLOCK_K))
+  else:
+    from tfusion.model import attention_pallas_tpu  # pylint: disable=g-import-not-at-top
+    kernel = functools.partial(attention_pallas_tpu.flash_attention, block_q=block_q,
+                               block_k=block_k)
+  return per_shard(kernel, q, k, v, mask)
+
+
+def per_shard(kernel, q, k, v, iv, mesh=None):
+  """Runs `kernel(q, k, v, iv)` on each device's rows and heads of the current mesh.
+
+  A Pallas kernel is one custom call that XLA cannot partition: under a mesh it would gather
+  the whole batch onto every device and compute all of it there. Rows split over the mesh's
+  batch axes (data, fsdp; the logical "batch" rule) and heads over tensor (when it divides
+  both H and Hkv), the kernel sees only its shard (shard_map), as the rest of the model does.
+  Without a mesh (or a one-device one) the kernel runs as is.
+  """
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return kernel(q, k, v, iv)
+  sizes = dict(mesh.shape)
+  batch = [a for a in ("data", "fsdp") if sizes.get(a, 1) > 1]
+  if q.shape[0] % int(np.prod([sizes[a] for a in batch], dtype=int)):
+    batch = []  # rows that do not divide stay whole (as the logical rules would leave them)
+  tensor = sizes.get("tensor", 1)
+  heads = "tensor" if tensor > 1 and not q.shape[2] % tensor and not k.shape[2] % tensor else None
+  rows = tuple(batch) or None
+  qkv = PartitionSpec(rows, None, heads, None)
+  iv_spec = type(iv)(*[PartitionSpec(rows, None)] * len(iv))
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, iv_spec), out_specs=qkv,
+                       check_vma=False)(q, k, v, iv)
 
 
 def _dense(q, k, v, mask):
