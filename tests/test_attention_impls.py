@@ -321,3 +321,14 @@ def test_kernels_see_only_their_device_shard_under_a_mesh():
   seen.clear()
   attention.per_shard(spy, *qkv, iv)
   assert seen[0][0] == qkv[0].shape
+
+
+def test_kernels_resolve_for_the_compile_target():
+  """tfusion-aot compiles for a TPU topology from a CPU host: the kernel follows the target."""
+  assert attention.resolve_implementation("auto", head_dim=128) == "chunked"  # CPU here
+  with attention.target_platform("tpu"):
+    assert attention.resolve_implementation("auto", head_dim=128) == "pallas_tpu"
+    assert attention.resolve_implementation("auto", head_dim=64) == "chunked"
+  with attention.target_platform("gpu"):
+    assert attention.resolve_implementation("auto", head_dim=64) == "pallas_gpu"
+  assert attention.resolve_implementation("auto", head_dim=128) == "chunked"

@@ -188,6 +188,13 @@ def _peak(mem):
 
 def compile_step(config, devices, *, hbm=None):
   """Compiles the train step of `config` for `devices` (any platform). Returns a Report."""
+  from tfusion.model import attention
+  # The attention kernel is chosen for the target (pallas_tpu on a TPU topology), not the host.
+  with attention.target_platform(devices[0].platform):
+    return _compile_step(config, devices, hbm=hbm)
+
+
+def _compile_step(config, devices, *, hbm=None):
   from tfusion import flops, sharding, train, train_state
   mesh = sharding.make_mesh(config.mesh, devices)
   shardings = train_state.state_shardings(config, mesh)

@@ -28,6 +28,8 @@ A dense bool mask (the KV-cache decode path: query rows [B, q_len, Lc]) always r
 dense reference.
 """
 
+import contextlib
+import contextvars
 import functools
 import logging
 
@@ -147,8 +149,23 @@ def _warn_once(message):
   logging.warning(message)
 
 
+_TARGET_PLATFORM = contextvars.ContextVar("tfusion_attention_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform):
+  """Kernels resolve for `platform` inside (tfusion-aot compiles for a TPU topology from a
+  CPU host, so the default backend is not the target)."""
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
 def resolve_implementation(implementation, *, head_dim=None, backend=None):
-  """The kernel `implementation` runs as on `backend` (default: jax's default backend).
+  """The kernel `implementation` runs as on `backend` (default: the `target_platform`, else
+  jax's default backend).
 
   Raises ValueError naming config.model.attention_impl for unknown names; a kernel that does
   not support the backend or shape falls back to chunked with a one-line warning.
@@ -156,7 +173,7 @@ def resolve_implementation(implementation, *, head_dim=None, backend=None):
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"config.model.attention_impl must be one of {IMPLEMENTATIONS}, "
                      f"got {implementation!r}")
-  backend = backend or jax.default_backend()
+  backend = backend or _TARGET_PLATFORM.get() or jax.default_backend()
   if implementation == "jax":
     _warn_once("config.model.attention_impl='jax' is deprecated (jax.nn.dot_product_attention "
                "ran dense XLA attention for this mask); using 'auto'")
