@@ -135,3 +135,18 @@ def test_unknown_config_key_is_an_error(tmp_path):
   assert proc.returncode != 0
   assert "stepz" in proc.stderr and "steps" in proc.stderr
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_keys_added_by_a_later_version_resume_at_their_default():
+  """A checkpoint's config.json from before a model key existed still resumes when the key is
+  at its default; set to something else, the key is a mismatch."""
+  import json as json_lib
+  from tfusion import configlib, train
+  config = configlib.base_config()
+  stored = json_lib.loads(config.to_json_best_effort())
+  del stored["model"]["image"]["representation"], stored["model"]["image"]["codebook_size"]
+  train.check_compatible(stored, config)
+  config.model.image.representation = "discrete"
+  with pytest.raises(train.ConfigMismatchError, match="model.image.representation: checkpoint "
+                                                       "has '<missing>', config has 'discrete'"):
+    train.check_compatible(stored, config)

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 
-def chunked_cross_entropy(hidden, head, targets, *, chunk_size, dtype=jnp.float32):
+def chunked_cross_entropy(hidden, head, targets, *, chunk_size, dtype=jnp.float32,
+                          return_lse=False):
   """Per-position CE of `softmax(hidden @ head)` against `targets`, chunk by chunk.
 
   Args:
@@ -22,8 +23,10 @@ def chunked_cross_entropy(hidden, head, targets, *, chunk_size, dtype=jnp.float3
     chunk_size: positions per chunk; L is padded up to a multiple of it.
     dtype: matmul dtype (the model's compute dtype); logits are cast to float32 after it,
       as the dense path does.
+    return_lse: also return logsumexp(logits) per position (the z-loss's input).
   Returns:
-    float32 [B, L] cross-entropy per position (mask it yourself).
+    float32 [B, L] cross-entropy per position (mask it yourself); with return_lse a pair
+    (cross-entropy, logsumexp), both [B, L].
   """
   b, length, d = hidden.shape
   n = -(-length // chunk_size)
@@ -39,10 +42,14 @@ def chunked_cross_entropy(hidden, head, targets, *, chunk_size, dtype=jnp.float3
     logits = jnp.einsum("bcd,dv->bcv", h.astype(dtype), w.astype(dtype)).astype(jnp.float32)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     label = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - label
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.stack([lse - label, lse]) if return_lse else lse - label
 
   def body(carry, xs):
     return carry, chunk_ce(*xs, head)
 
   _, ce = jax.lax.scan(body, None, (hs, ts))
+  if return_lse:  # [n, 2, B, C]
+    both = ce.transpose(1, 2, 0, 3).reshape(2, b, n * chunk_size)[:, :, :length]
+    return both[0], both[1]
   return ce.swapaxes(0, 1).reshape(b, n * chunk_size)[:, :length]

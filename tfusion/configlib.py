@@ -42,7 +42,7 @@ def model_config(size=None):
   m.mlp_dim = 192
   m.rope_theta = 10000.0
   m.norm_eps = 1e-5
-  m.qk_norm = False  # the paper does not use it
+  m.qk_norm = False  # the paper does not use it (Chameleon's stability option: True)
   m.tie_embeddings = False
   m.dtype = "float32"  # compute dtype; parameters are float32
   # dense (reference) | chunked (XLA, blocked, any backend) | pallas_tpu | pallas_gpu | auto
@@ -56,7 +56,12 @@ def model_config(size=None):
   m.max_len = 256  # context length used by generation
 
   m.image = ml_collections.ConfigDict()
-  m.image.latent_size = 8  # h = w of the VAE latent
+  # continuous (Transfusion: VAE latents, diffusion, bidirectional image blocks) | discrete
+  # (the Chameleon baseline: VQ codes as tokens <boi> c_1..c_n <eoi>, causal, next-token loss;
+  # tfusion/discrete.py holds the token mapping: codes are the last codebook_size ids).
+  m.image.representation = "continuous"
+  m.image.codebook_size = 256  # discrete: the VQ-VAE's number of codes
+  m.image.latent_size = 8  # h = w of the VAE latent (discrete: of the VQ code grid)
   m.image.latent_channels = 4
   m.image.patch_size = 2  # 1, 2, 4, 8
   m.image.encoder = "linear"  # linear | unet
@@ -164,6 +169,9 @@ def base_config():
 
   c.loss = ml_collections.ConfigDict()
   c.loss.image_weight = 5.0  # lambda
+  # z-loss coefficient: + z_loss * mean(logsumexp(logits)^2) over the LM positions (Chameleon's
+  # stability option, 1e-5 there; 0 = off, the paper's Transfusion). Dense logits only.
+  c.loss.z_loss = 0.0
   # Text CE over chunks of this many positions, recomputed in the backward, so the [B, L, V]
   # float32 logits never exist (tfusion/chunked_ce.py); 0 = dense logits.
   c.loss.ce_chunk_size = 0

@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tfusion import batch as batch_lib
 from tfusion import checkpoint as checkpoint_lib
 from tfusion import diffusion, flops, logs, losses, metrics as metrics_lib, optim, sharding, train_state
-from tfusion import ema, workdir_lock
+from tfusion import configlib, discrete, ema, workdir_lock
 from tfusion.model import attention
 
 
@@ -71,7 +71,9 @@ def make_train_step(config, mesh, shardings):
   model = train_state.build_model(config)
   loss_fn = losses.make_loss_fn(model, diffusion.from_config(config),
                                 image_weight=config.loss.image_weight,
-                                ce_chunk_size=config.loss.ce_chunk_size)
+                                ce_chunk_size=config.loss.ce_chunk_size,
+                                z_loss=config.loss.get("z_loss", 0.0))
+  is_discrete = discrete.is_discrete(config.model)
   tx, schedule = optim.make_optimizer(config.optim)
   base_rng = jax.random.PRNGKey(config.seed)
 
@@ -91,7 +93,10 @@ def make_train_step(config, mesh, shardings):
       averaged = ema.update(state[ema.KEY], params, config.train.ema_decay, state["step"])
       new_state[ema.KEY] = keep(averaged, state[ema.KEY])
     # Attention pairs the mask allows: model FLOPs for the MFU (skipped blocks never count).
-    attn_pairs = attention.allowed_pairs(batch["segment_ids"], batch["image_index"],
+    # Discrete images are tokens: causal everywhere (the model ignores image_index).
+    image_index = (jnp.full_like(batch["image_index"], -1) if is_discrete
+                   else batch["image_index"])
+    attn_pairs = attention.allowed_pairs(batch["segment_ids"], image_index,
                                          intra_image=config.model.intra_image)
     out = dict(aux, grad_norm=grad_norm, lr=schedule(state["step"]), finite=finite,
                attn_pairs=attn_pairs.astype(jnp.float32).sum())  # float: > 2^31 on pods
@@ -116,21 +121,28 @@ EXECUTION_KEYS = ("model.remat", "model.attention_impl", "model.attention_block"
 
 
 def check_compatible(stored, config):
-  """Raises ConfigMismatchError listing model keys that differ from a stored config."""
+  """Raises ConfigMismatchError listing model keys that differ from a stored config.
+
+  A key the checkpoint's config lacks (added by a later tfusion) is fine at its default value.
+  """
   current = json.loads(config.to_json_best_effort())
+  defaults = json.loads(configlib.base_config().to_json_best_effort())["model"]
   diffs = []
 
-  def walk(a, b, prefix):
+  def walk(a, b, prefix, default):
     for key in sorted(set(a) | set(b)):
       if f"{prefix}{key}" in EXECUTION_KEYS:
         continue
       x, y = a.get(key, "<missing>"), b.get(key, "<missing>")
+      d = default.get(key, "<missing>") if isinstance(default, dict) else "<missing>"
+      if x == "<missing>" and y == d:
+        continue
       if isinstance(x, dict) and isinstance(y, dict):
-        walk(x, y, f"{prefix}{key}.")
+        walk(x, y, f"{prefix}{key}.", d)
       elif x != y and not (isinstance(x, list) and isinstance(y, (list, tuple)) and list(y) == x):
         diffs.append(f"config.{prefix}{key}: checkpoint has {x!r}, config has {y!r}")
 
-  walk(stored.get("model", {}), current.get("model", {}), "model.")
+  walk(stored.get("model", {}), current.get("model", {}), "model.", defaults)
   if diffs:
     raise ConfigMismatchError("the workdir holds checkpoints of a different model; start a new "
                               "workdir or match the config:\n  " + "\n  ".join(diffs))
@@ -462,7 +474,8 @@ def _train(config, workdir, mesh, shardings, data_iter, parent, lineage, on_log)
         mfu = f" mfu {scalars['mfu'] * 100:.1f}%" if peak else ""
         bad = f" skipped records {bad_records}" if bad_records else ""
         _print(f"step {step + 1}/{total} loss {last['loss']:.4f} text {last['text_loss']:.4f} "
-               f"image {last['image_loss']:.4f} grad_norm {last['grad_norm']:.3f} lr {last['lr']:.2e} "
+               f"{'image_tokens' if 'image_token_loss' in last else 'image'} "
+               f"{last['image_loss']:.4f} grad_norm {last['grad_norm']:.3f} lr {last['lr']:.2e} "
                f"{tokens_per_s:,.0f} tok/s {step_time * 1000:.0f} ms/step{mfu}{bad} "
                f"eta {_fmt_duration(eta)}")
         if on_log is not None:

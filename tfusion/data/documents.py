@@ -1,7 +1,10 @@
 """Records -> token layouts: one `Document` per record, ready to be packed.
 
 A document is BOS, its pieces, EOS. Text pieces are token ids; an image is BOI, N patch
-positions (token 0) and EOI, its latent kept beside the tokens. Image–caption pairs are
+positions (token 0) and EOI, its latent kept beside the tokens. With discrete images
+(config.model.image.representation="discrete", tfusion/discrete.py) an image is BOI, its n VQ
+codes as image tokens (offset + code) and EOI: plain tokens, no latent; `image_starts` still
+marks the spans, so packing never cuts an image and counts its tokens like patches. Image–caption pairs are
 caption-first (text-to-image) with probability `caption_first_prob`, else image-first
 (captioning, diffusion time limited to `image_first_max_t`); a caption-first pair loses its
 caption with probability `caption_dropout` (the unconditional examples of classifier-free
@@ -20,8 +23,9 @@ from tfusion.data import records as records_lib
 class Document:
   """Token layout of one document.
 
-  tokens: int32 [n] (0 at patch positions); image_starts: int32 [k] first patch position of
-  each image; latents: [k, h, w, c]; max_t: float32 [k]; origin: (source, stream index).
+  tokens: int32 [n] (0 at patch positions; image tokens in discrete mode); image_starts: int32
+  [k] first patch (code) position of each image; latents: [k, h, w, c] ([0] when discrete);
+  max_t: float32 [k]; origin: (source, stream index).
   """
 
   __slots__ = ("tokens", "image_starts", "latents", "max_t", "origin")
@@ -57,8 +61,15 @@ class LayoutSpec:
   boi: int
   eoi: int
   vocab_size: int
-  latent_shape: tuple
-  num_patches: int
+  latent_shape: tuple  # (h, w, c); discrete: the code grid (h, w)
+  num_patches: int  # patches per image; discrete: codes per image
+  representation: str = "continuous"  # | "discrete"
+  codebook_size: int = 0  # discrete: codes are [0, codebook_size)
+  image_token_offset: int = 0  # discrete: token = image_token_offset + code
+
+  @property
+  def discrete(self):
+    return self.representation == "discrete"
 
 
 class DocumentBuilder(grain.transforms.RandomMap):
@@ -109,6 +120,30 @@ class DocumentBuilder(grain.transforms.RandomMap):
   def _text(self, text):
     return np.asarray(self.tokenizer.encode(text), np.int32)
 
+  def _image(self, key, value, where, what):
+    """A record's image (`key` "latent" or "codes") -> the piece _assemble takes."""
+    from tfusion.vae import quantizer
+    spec = self.spec
+    want = "codes" if spec.discrete else "latent"
+    if key != want:
+      held = "VQ codes (discrete images)" if key == "codes" else "VAE latents (continuous images)"
+      raise self._bad(where, f"{what} holds {held} but config.model.image.representation="
+                      f"{spec.representation!r}; set it to "
+                      f"{'discrete' if key == 'codes' else 'continuous'!r} or use records with "
+                      f"{want}", "representation")
+    if not spec.discrete:
+      return self._latent(value, where, what)
+    if tuple(value.shape) != spec.latent_shape:
+      h, w = spec.latent_shape
+      raise self._bad(where, f"{what} has shape {list(value.shape)}; the model expects [{h}, "
+                      f"{w}] codes (config.model.image.latent_size={h})", "latent_shape")
+    try:
+      quantizer.check_codes(value, spec.codebook_size,
+                            f"{what} (config.model.image.codebook_size={spec.codebook_size})")
+    except ValueError as e:
+      raise self._bad(where, str(e), "codes") from None
+    return _Codes(value)
+
   def _latent(self, latent, where, what):
     if tuple(latent.shape) != self.spec.latent_shape:
       h, w, c = self.spec.latent_shape
@@ -132,7 +167,8 @@ class DocumentBuilder(grain.transforms.RandomMap):
         body = self._ids(rec["ids"], where, "ids")
       return self._assemble([body], where)
     if self.kind == "image_caption":
-      latent = self._latent(rec["latent"], where, "latent")
+      key = "latent" if "latent" in rec else "codes"
+      latent = self._image(key, rec[key], where, key)
       caption = self._text(rec["caption"].strip())
       if caption.size == 0:
         raise self._bad(where, "caption tokenizes to nothing", "empty_caption")
@@ -148,16 +184,23 @@ class DocumentBuilder(grain.transforms.RandomMap):
       elif "ids" in seg:
         pieces.append(self._ids(seg["ids"], where, f"segment {i} ids"))
       else:
-        pieces.append(self._latent(seg["latent"], where, f"segment {i} latent"))
+        (key, value), = seg.items()
+        pieces.append(self._image(key, value, where, f"segment {i} {key}"))
     return self._assemble(pieces, where)
 
   def _assemble(self, pieces, where, first_image_max_t=1.0):
-    """pieces: int32 id arrays (text) and float latents [h, w, c] (images)."""
+    """pieces: int32 id arrays (text), float latents [h, w, c] or _Codes [h, w] (images)."""
     parts = [np.array([self.spec.bos], np.int32)]
     starts, latents = [], []
     cursor = 1
     for piece in pieces:
-      if piece.dtype.kind == "f":
+      if isinstance(piece, _Codes):
+        block = self._image_block.copy()
+        block[1:-1] = piece.codes.reshape(-1).astype(np.int64) + self.spec.image_token_offset
+        parts.append(block)
+        starts.append(cursor + 1)
+        cursor += len(block)
+      elif piece.dtype.kind == "f":
         parts.append(self._image_block)
         starts.append(cursor + 1)
         latents.append(piece)
@@ -167,13 +210,25 @@ class DocumentBuilder(grain.transforms.RandomMap):
         cursor += piece.size
     parts.append(np.array([self.spec.eos], np.int32))
     tokens = np.concatenate(parts)
-    max_t = np.ones(len(latents), np.float32)
-    if latents:
+    max_t = np.ones(len(starts), np.float32)
+    if self.spec.discrete:
+      max_t[:1] = first_image_max_t  # unused by the model; kept for the layout's bookkeeping
+      latents = np.zeros((0,), np.float32)
+    elif latents:
       max_t[0] = first_image_max_t
       latents = np.stack(latents)
     else:
       latents = np.zeros((0,) + self.spec.latent_shape, np.float16)
     return Document(tokens, np.asarray(starts, np.int32), latents, max_t)
+
+
+class _Codes:
+  """A discrete image piece (VQ codes [h, w]) on its way into a document."""
+  __slots__ = ("codes",)
+  size = 1
+
+  def __init__(self, codes):
+    self.codes = np.asarray(codes)
 
 
 def log_bad_record(bad, count):

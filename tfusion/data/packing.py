@@ -13,6 +13,11 @@ position 0 (RoPE positions restart; it cannot attend to its earlier part anyway)
 
 A source's packed amount is counted in positions, or in image patches for sources marked
 "patches" (image–caption pairs: the paper's mix is 1:1 text tokens to image patches).
+With `discrete=True` (VQ image tokens, tfusion/discrete.py) an image is n ordinary tokens
+between BOI and EOI: it is never cut either, a "patches" source counts its n image tokens per
+image (1:1 text tokens to image tokens; captions, BOI and EOI ride along, as with patches), rows
+have no image slots (images [B, 0, h, w, 1], image_index -1 everywhere) and the LM loss covers
+every next token of a document, BOI -> c_1 and c_n -> EOI included.
 Balancing what is packed (not what is pulled) keeps every stretch of rows close to the
 weights: two sources never drift apart by more than about one row.
 All per-position work is numpy slicing; Python runs per document, not per token.
@@ -55,7 +60,7 @@ class Packer:
   """
 
   def __init__(self, seq_len, max_images, latent_shape, num_patches, *, weights=(1.0,),
-               measures=None, pool_size=64, split_text="long"):
+               measures=None, pool_size=64, split_text="long", discrete=False):
     if split_text not in SPLIT_TEXT_CHOICES:
       raise ValueError(f"config.data.split_text must be one of {SPLIT_TEXT_CHOICES}, got "
                        f"{split_text!r}")
@@ -65,7 +70,9 @@ class Packer:
     if not weights or min(weights) <= 0:
       raise ValueError(f"source weights must be positive, got {list(weights)}")
     self.seq_len = seq_len
-    self.max_images = max_images
+    self.discrete = bool(discrete)
+    # Discrete images are tokens: no slot limit (every image of a row fits its positions).
+    self.max_images = seq_len if self.discrete else max_images
     self.latent_shape = tuple(latent_shape)
     self.num_patches = num_patches
     self.weights = [float(w) for w in weights]
@@ -171,7 +178,11 @@ class Packer:
     segment_ids = np.zeros((b, length), np.int32)
     positions = np.zeros((b, length), np.int32)
     image_index = np.full((b, length), -1, np.int32)
-    images = np.zeros((b, m) + self.latent_shape, np.float32)
+    if self.discrete:
+      m = 0
+      images = np.zeros((b, 0, *self.latent_shape[:2], 1), np.float32)
+    else:
+      images = np.zeros((b, m) + self.latent_shape, np.float32)
     image_mask = np.zeros((b, m), bool)
     image_max_t = np.ones((b, m), np.float32)
     for r, pieces in enumerate(rows_pieces):
@@ -185,7 +196,7 @@ class Packer:
       positions[r, :used] = self._arange[:used] - np.repeat(starts, lengths)
       slot = 0
       for (doc, s, e), at in zip(pieces, starts):
-        if not doc.image_starts.size:
+        if self.discrete or not doc.image_starts.size:
           continue
         lo = bisect.bisect_left(doc.image_starts.tolist(), s)
         for j in range(lo, doc.num_images):

@@ -18,10 +18,12 @@ shards that together cover every record once per epoch.
 import functools
 import json
 import logging
+import os
 
 import grain
 import numpy as np
 
+from tfusion import discrete as discrete_lib
 from tfusion.data import documents as documents_lib
 from tfusion.data import packing as packing_lib
 from tfusion.data import records as records_lib
@@ -35,6 +37,20 @@ MAX_BAD_IN_A_ROW = 1000
 def layout_spec(config, tokenizer):
   """Checks the config against the tokenizer; returns the documents' LayoutSpec."""
   img = config.model.image
+  if discrete_lib.is_discrete(config.model):
+    if config.model.vocab_size < tokenizer.vocab_size:
+      raise ValueError(
+          f"config.model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+          f"vocabulary ({tokenizer.vocab_size} ids incl. <boi>/<eoi>) of config.data.tokenizer="
+          f"{tokenizer.source!r}; raise config.model.vocab_size")
+    discrete_lib.check_vocab(config.model, tokenizer.vocab_size,
+                             what=f"the tokenizer config.data.tokenizer={tokenizer.source!r}")
+    return documents_lib.LayoutSpec(
+        bos=tokenizer.bos_id, eos=tokenizer.eos_id, boi=tokenizer.boi_id, eoi=tokenizer.eoi_id,
+        vocab_size=tokenizer.vocab_size, latent_shape=discrete_lib.code_shape(config.model),
+        num_patches=discrete_lib.num_image_tokens(config.model), representation="discrete",
+        codebook_size=discrete_lib.codebook_size(config.model),
+        image_token_offset=discrete_lib.image_token_offset(config.model))
   if img.latent_size % img.patch_size:
     raise ValueError(f"config.model.image.latent_size={img.latent_size} is not divisible by "
                      f"config.model.image.patch_size={img.patch_size}")
@@ -56,13 +72,50 @@ def _seed(config, *parts):
              .generate_state(1)[0])
 
 
+def config_model_stub(spec):
+  """The config.model keys check_codebook names, rebuilt from a discrete LayoutSpec."""
+  import ml_collections
+  return ml_collections.ConfigDict({
+      "vocab_size": spec.image_token_offset + spec.codebook_size,
+      "image": {"codebook_size": spec.codebook_size}})
+
+
 def _check_first_latent(source, key, spec):
-  """A whole source with another latent shape is a config mismatch: say so at start-up."""
+  """A whole source with another latent shape, or images of the other representation
+  (latents vs VQ codes), is a config mismatch: say so at start-up."""
   raw = source[0]
   try:
     rec = records_lib.decode_record(raw.data, where=raw.where)
   except records_lib.BadRecordError:
     return  # a single bad record is the reader's business
+  held = [k for k in records_lib.IMAGE_KEYS if k in rec] + [
+      k for s in rec.get("segments", []) for k in records_lib.IMAGE_KEYS if k in s]
+  want = "codes" if spec.discrete else "latent"
+  for k in held[:1]:
+    if k != want:
+      what = "VQ codes (discrete images)" if k == "codes" else "VAE latents (continuous images)"
+      raise ValueError(
+          f"{key} holds {what} ({raw.where}) but config.model.image.representation="
+          f"{spec.representation!r}: set config.model.image.representation="
+          f"{'discrete' if k == 'codes' else 'continuous'!r} (and its codebook_size / vocab_size),"
+          f" or precompute {'with --vq' if spec.discrete else 'with --vae'}")
+  if spec.discrete:
+    manifest = os.path.join(os.path.dirname(raw.path), "precompute.json")  # tfusion-precompute
+    if os.path.exists(manifest):
+      with open(manifest, encoding="utf-8") as f:
+        made = json.load(f).get("codes") or {}
+      if "codebook_size" in made:
+        discrete_lib.check_codebook(
+            config_model_stub(spec), made["codebook_size"],
+            f"{key}: the VQ-VAE of {manifest}")
+    codes = [rec["codes"]] if "codes" in rec else [
+        s["codes"] for s in rec.get("segments", []) if "codes" in s]
+    for c in codes[:1]:
+      if tuple(c.shape) != spec.latent_shape:
+        raise ValueError(
+            f"{key} holds codes of shape {list(c.shape)} ({raw.where}); the model expects "
+            f"{list(spec.latent_shape)} (config.model.image.latent_size={spec.latent_shape[0]})")
+    return
   latents = [rec["latent"]] if "latent" in rec else [
       s["latent"] for s in rec.get("segments", []) if "latent" in s]
   h, w, c = spec.latent_shape
@@ -104,13 +157,16 @@ def build_sources(config, *, process_index=0, process_count=1, tokenizer=None):
       raise ValueError(f"{key} holds {len(source)} records, fewer than the {process_count} "
                        "processes reading it")
     if kind != "text":
-      if d.max_images < 1:
+      if d.max_images < 1 and not spec.discrete:
         raise ValueError(f"config.data.max_images={d.max_images}: {key} has images")
       if spec.num_patches + 4 > d.seq_len:
+        unit = "image tokens" if spec.discrete else "patches"
+        fix = ("the VQ code grid (config.model.image.latent_size)" if spec.discrete
+               else "the patch size (config.model.image.patch_size)")
         raise ValueError(
             f"an image document needs at least {spec.num_patches + 4} positions (BOS, BOI, "
-            f"{spec.num_patches} patches, EOI, EOS) but config.data.seq_len={d.seq_len}; raise "
-            "it or the patch size (config.model.image.patch_size)")
+            f"{spec.num_patches} {unit}, EOI, EOS) but config.data.seq_len={d.seq_len}; raise "
+            f"it or shrink {fix}")
       _check_first_latent(source, key, spec)
     builder = documents_lib.DocumentBuilder(
         kind, tokenizer, spec, caption_first_prob=d.caption_first_prob,
@@ -274,7 +330,8 @@ def make_dataset(config, *, process_index=0, process_count=1, tokenizer=None):
       datasets, kinds=kinds, weights=weights, rows=d.batch_size // process_count,
       packer_args=dict(seq_len=d.seq_len, max_images=d.max_images,
                        latent_shape=spec.latent_shape, num_patches=spec.num_patches,
-                       pool_size=d.pack_pool, split_text=d.split_text),
+                       pool_size=d.pack_pool, split_text=d.split_text,
+                       discrete=spec.discrete),
       fingerprint=fingerprint)
   if d.worker_count > 0:
     from absl import flags
@@ -290,6 +347,8 @@ def make_dataset(config, *, process_index=0, process_count=1, tokenizer=None):
 def _warn_if_slots_limit(config, kinds, weights, spec):
   """Rows hold at most M images: warn when the mix asks for more patches than that."""
   d = config.data
+  if spec.discrete:
+    return  # discrete images take no slots
   image_share = sum(w for k, w in zip(kinds, weights) if k != "text") / sum(weights)
   if image_share and d.max_images * (spec.num_patches + 2) < 0.9 * image_share * d.seq_len:
     logging.warning(

@@ -1,6 +1,6 @@
 """`tfusion-precompute-latents`: images + captions -> VAE latents in image–caption record shards.
 
-  tfusion-precompute-latents --vae VAE_DIR --out OUT_DIR \\
+  tfusion-precompute-latents (--vae VAE_DIR | --vq VQ_DIR) --out OUT_DIR \\
       (--images FOLDER --captions captions.jsonl|captions.csv
        | --webdataset 'DIR|GLOB|a.tar,b.tar' [--caption_key caption]
        | --parquet 'DIR|GLOB|a.parquet,...' [--image_column image] [--caption_column caption]
@@ -43,8 +43,13 @@ dataset name/split/data_dir, or a hash of in-memory arrays. A rerun whose inputs
 stops with one line naming what changed (VAE, resolution, captions, images, ...) unless
 --overwrite, which deletes the old shards first; a matching rerun resumes shard by shard.
 
+With `--vq VQ_DIR` (a VQ-VAE, tfusion/vae/vq.py) the same job writes discrete images: each
+record holds the image's codes int [h, w] (`VQVAE.encode_codes`) instead of a latent, for
+config.model.image.representation="discrete" (the Chameleon baseline); the manifest then
+fingerprints the VQ-VAE (weights and codebook) and records "codes": {shape, codebook_size}.
+
 From Python (the demo): `write_latent_records(images, captions, vae, out_dir)` does the same
-for in-memory arrays.
+for in-memory arrays (`vae` a VAE or a VQVAE).
 """
 
 import argparse
@@ -67,7 +72,7 @@ MANIFEST = "precompute.json"
 MANIFEST_FORMAT = 2  # 2: with VAE and input fingerprints
 EXAMPLES_PER_REASON = 3  # skipped items named per reason in the summary
 # What a manifest key means, for "... changed" messages.
-_LABELS = {"vae": "the VAE (weights, config or latent statistics)", "resolution": "resolution",
+_LABELS = {"vae": "the VAE (weights, config or latent statistics) or VQ-VAE", "resolution": "resolution",
            "latent_dtype": "latent dtype", "shard_size": "shard size",
            "items": "number of items", "captions": "captions", "images": "images",
            "dataset": "TFDS dataset", "tars": "tar shards (names or sizes)",
@@ -173,12 +178,19 @@ def folder_fingerprints(images_dir, captions_path):
   return {"captions": captions, "images": content_hash(f"{n}:{z}" for n, z in zip(names, sizes))}
 
 
+def is_vq(model):
+  """True for a VQ-VAE (codes out), False for the continuous VAE (latents out)."""
+  return hasattr(model, "encode_codes")
+
+
 def vae_fingerprint(vae):
-  """A hash of the VAE's architecture, parameters and latent normalization."""
+  """A hash of the VAE's architecture, parameters and latent normalization (a VQ-VAE's:
+  architecture, parameters and codebook)."""
   import jax
   leaves = jax.tree_util.tree_flatten_with_path(vae.params)[0]
   parts = [json.dumps(dataclasses.asdict(vae.config), sort_keys=True, default=list)]
-  for value in (vae.scale, vae.shift):
+  extra = (vae.codebook,) if is_vq(vae) else (vae.scale, vae.shift)
+  for value in extra:
     parts.append(np.asarray(value, np.float32).tobytes())
   for path, leaf in leaves:
     a = np.asarray(jax.device_get(leaf))
@@ -240,6 +252,7 @@ class Encoder:
     params = jax.device_put(vae.params, NamedSharding(mesh, P()))
     self.vae = dataclasses.replace(vae, params=params)
     self.num_devices = len(devices)
+    self.codes = is_vq(vae)  # a VQ-VAE: int codes [k, h, w] instead of latents
 
   def __call__(self, images):
     """float32 [k, R, R, 3] (k <= batch_size) -> float32 numpy latents [k, h, w, c]."""
@@ -247,7 +260,8 @@ class Encoder:
     k = len(images)
     padded = np.zeros((self.batch_size,) + images.shape[1:], np.float32)
     padded[:k] = images
-    latents = self.vae.encode(jax.device_put(padded, self._in))
+    encode = self.vae.encode_codes if self.codes else self.vae.encode
+    latents = encode(jax.device_put(padded, self._in))
     return np.asarray(jax.device_get(latents))[:k]
 
 
@@ -274,6 +288,12 @@ def _encode_shard(items, encoder, path, resolution, latent_dtype, progress):
         return
       latents = encoder(np.stack([img for _, img in pending]))
       for (item, _), latent in zip(pending, latents):
+        item_id = item.key if item.id is None else item.id
+        if encoder.codes:  # discrete: codes are integers, always finite
+          writer.write(records_lib.image_caption_record(codes=latent,
+                                                        caption=item.caption.strip(), id=item_id))
+          progress.update(1)
+          continue
         if not np.isfinite(latent).all():
           skip("non-finite latent", item)
           continue
@@ -446,10 +466,15 @@ def precompute(items, vae, out_dir, *, resolution=256, batch_size=32, shard_size
   if total == 0:
     raise ValueError("no images to encode")
   num_shards = math.ceil(total / shard_size)
+  grid = [resolution // vae.downsample_factor] * 2
   manifest = {"format": MANIFEST_FORMAT, "vae": vae_fingerprint(vae), "resolution": resolution,
               "latent_dtype": latent_dtype, "shard_size": shard_size, "items": total,
-              "latent_shape": [resolution // vae.downsample_factor] * 2 + [vae.latent_channels],
               "inputs": dict(inputs or {}), "source": source}  # source: for people, not compared
+  if is_vq(vae):
+    manifest["codes"] = {"shape": grid, "codebook_size": vae.num_codes}
+    manifest["latent_dtype"] = "codes"
+  else:
+    manifest["latent_shape"] = grid + [vae.latent_channels]
   mine = shards_of_process(num_shards, process_index, process_count)
   if process_index == 0:
     _prepare_out_dir(out_dir, manifest, overwrite)
@@ -547,7 +572,10 @@ def write_latent_records(images, captions, vae, out_dir, *, resolution=256, batc
 def main(argv=None):
   parser = argparse.ArgumentParser(
       description="Images + captions -> VAE latents in image–caption ArrayRecord shards.")
-  parser.add_argument("--vae", required=True, help="VAE directory (diffusers format)")
+  which = parser.add_mutually_exclusive_group(required=True)
+  which.add_argument("--vae", help="VAE directory (diffusers format): continuous latents")
+  which.add_argument("--vq", help="VQ-VAE directory (tfusion-train-vae --quantizer vq): "
+                     "discrete codes, for config.model.image.representation=discrete")
   parser.add_argument("--out", required=True, help="output directory for the shards")
   parser.add_argument("--images", help="folder of images (with --captions)")
   parser.add_argument("--captions", help="captions .jsonl ({file, caption}) or .csv")
@@ -609,10 +637,16 @@ def main(argv=None):
       parser.error("give --images and --captions, --webdataset, --parquet, --coco/--karpathy "
                    "and --images, or --tfds and --data_dir")
     from tfusion.vae import load_vae
-    if not os.path.exists(args.vae):
-      raise FileNotFoundError(f"--vae {args.vae!r} does not exist (a diffusers-format VAE "
-                              "directory; nothing is downloaded)")
-    vae = load_vae(args.vae)
+    flag, path = ("--vq", args.vq) if args.vq else ("--vae", args.vae)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{flag} {path!r} does not exist (a diffusers-format "
+                              f"{'VQ-VAE' if args.vq else 'VAE'} directory; nothing is "
+                              "downloaded)")
+    if args.vq:
+      from tfusion.vae.vq import load_vq
+      vae = load_vq(path)
+    else:
+      vae = load_vae(path)
     import jax  # after load_vae: the backend (and jax.distributed, if initialised) is up
     index = jax.process_index() if args.process_index is None else args.process_index
     count = jax.process_count() if args.process_count is None else args.process_count

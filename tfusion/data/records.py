@@ -8,18 +8,23 @@ kind "text": a text document.
     text     str, non-empty                      raw text (tokenized by the pipeline), or
     ids      array int32 [n], n >= 1             pre-tokenized ids (same tokenizer as training;
                                                  no BOS/EOS/BOI/EOI: the pipeline adds them)
-kind "image_caption": an image (as a VAE latent) with its caption.
-    latent   array float16|float32 [h, w, c]     normalized VAE latent (`tfusion.vae.VAE.encode`)
+kind "image_caption": an image (as a VAE latent or as VQ codes) with its caption.
+    latent   array float16|float32 [h, w, c]     normalized VAE latent (`tfusion.vae.VAE.encode`), or
+    codes    array int16|int32 [h, w], >= 0      VQ-VAE codes (`VQVAE.encode_codes`; the discrete
+                                                 images of the Chameleon baseline), exactly one
     caption  str, non-empty after strip()
 kind "interleaved": a document of text and images in reading order.
     segments list (non-empty) of maps, each with exactly one of
              text str | ids array int32 [n] | latent array float16|float32 [h, w, c]
+             | codes array int [h, w]
 Every kind may carry
     id       str                                 provenance (file name, URL, dataset key)
 
 An array is a map {dtype: str (numpy name), shape: [int, ...], data: bytes (little-endian,
-C order)}. Latents must be finite. The data pipeline (tfusion/data/pipeline.py) turns records
-into documents: BOS, text / BOI + patches + EOI, EOS; image–caption pairs caption-first with
+C order)}. Latents must be finite. Codes are checked against the codebook
+(config.model.image.codebook_size) by the pipeline, which knows it; a latent where the model is
+discrete, or codes where it is continuous, is an error naming the file and the setting. The
+data pipeline (tfusion/data/pipeline.py) turns records into documents: BOS, text / BOI + patches + EOI, EOS; image–caption pairs caption-first with
 probability 0.8 (else image-first, noise-limited), captions dropped with probability 0.1.
 
 Reading validates every record; a bad one raises `BadRecordError` naming the file and the
@@ -39,11 +44,12 @@ from array_record.python import array_record_module
 
 KINDS = ("text", "image_caption", "interleaved")
 LATENT_DTYPES = ("float16", "float32")
+IMAGE_KEYS = ("latent", "codes")  # how a record holds an image: continuous | discrete
 EXTENSION = ".array_record"
 
 _KEYS = {
     "text": ({"text", "ids"}, {"id"}),
-    "image_caption": ({"latent", "caption"}, {"id"}),
+    "image_caption": ({"caption"}, {"id", "latent", "codes"}),
     "interleaved": ({"segments"}, {"id"}),
 }
 _ARRAY_KEYS = {"dtype", "shape", "data"}
@@ -89,26 +95,42 @@ def text_record(text=None, *, ids=None, id=None):  # pylint: disable=redefined-b
   return rec
 
 
-def image_caption_record(latent, caption, *, id=None):  # pylint: disable=redefined-builtin
-  """An image–caption pair; `latent` float [h, w, c] (stored as float16 unless float32)."""
-  latent = np.asarray(latent)
-  if latent.dtype.name not in LATENT_DTYPES:
-    latent = latent.astype(np.float16)
-  rec = {"kind": "image_caption", "latent": latent, "caption": caption}
+def image_caption_record(latent=None, caption=None, *, codes=None, id=None):  # pylint: disable=redefined-builtin
+  """An image–caption pair: `latent` float [h, w, c] (stored as float16 unless float32), or
+  `codes` int [h, w] (VQ codes, stored as int16 when they fit, else int32)."""
+  if (latent is None) == (codes is None):
+    raise ValueError("an image_caption record needs exactly one of latent or codes")
+  if latent is not None:
+    latent = np.asarray(latent)
+    if latent.dtype.name not in LATENT_DTYPES:
+      latent = latent.astype(np.float16)
+    rec = {"kind": "image_caption", "latent": latent, "caption": caption}
+  else:
+    rec = {"kind": "image_caption", "codes": _codes_array(codes), "caption": caption}
   if id is not None:
     rec["id"] = id
   return rec
 
 
+def _codes_array(codes):
+  codes = np.asarray(codes)
+  if codes.dtype.kind in "iu" and codes.size and 0 <= codes.min() and codes.max() < 2 ** 15:
+    return codes.astype(np.int16)
+  return codes.astype(np.int32) if codes.dtype.kind in "iu" else codes
+
+
 def interleaved_record(segments, *, id=None):  # pylint: disable=redefined-builtin
-  """`segments`: list of str (text) or float arrays [h, w, c] (latents), in reading order."""
+  """`segments`: list of str (text), int arrays [n] (ids), float arrays [h, w, c] (latents) or
+  int arrays [h, w] (VQ codes), in reading order."""
   segs = []
   for s in segments:
     if isinstance(s, str):
       segs.append({"text": s})
     else:
       a = np.asarray(s)
-      if a.dtype.kind in "iu":
+      if a.dtype.kind in "iu" and a.ndim == 2:
+        segs.append({"codes": _codes_array(a)})
+      elif a.dtype.kind in "iu":
         segs.append({"ids": a.astype(np.int32)})
       else:
         segs.append({"latent": a if a.dtype.name in LATENT_DTYPES else a.astype(np.float16)})
@@ -177,6 +199,15 @@ def _check_latent(a, what):
     raise _Bad(f"{what} holds NaN or Inf", "nonfinite")
 
 
+def _check_codes(a, what):
+  if a.dtype.kind not in "iu":
+    raise _Bad(f"{what} has dtype {a.dtype.name}; VQ codes are integers", "dtype")
+  if a.ndim != 2 or min(a.shape) == 0:
+    raise _Bad(f"{what} has shape {list(a.shape)}; VQ codes are [h, w]", "latent_shape")
+  if a.min() < 0:
+    raise _Bad(f"{what} holds negative codes", "codes")
+
+
 def _check_ids(a, what):
   if a.dtype.kind not in "iu" or a.ndim != 1:
     raise _Bad(f"{what} must be a 1-D integer array, got {a.dtype.name} {list(a.shape)}", "ids")
@@ -206,6 +237,9 @@ def _keys(rec, kind):
     missing = sorted(required - set(rec))
     if missing:
       raise _Bad(f"a {kind!r} record lacks keys {missing}", "malformed")
+    if kind == "image_caption" and ("latent" in rec) == ("codes" in rec):
+      raise _Bad("an 'image_caption' record needs exactly one of 'latent' or 'codes'",
+                 "malformed")
   if "id" in rec and not isinstance(rec["id"], str):
     raise _Bad("'id' must be a string", "malformed")
 
@@ -227,8 +261,12 @@ def _parse(rec, decode_arrays):
       out["ids"] = arr(rec["ids"], "ids")
       _check_ids(out["ids"], "ids")
   elif kind == "image_caption":
-    out["latent"] = arr(rec["latent"], "latent")
-    _check_latent(out["latent"], "latent")
+    if "latent" in rec:
+      out["latent"] = arr(rec["latent"], "latent")
+      _check_latent(out["latent"], "latent")
+    else:
+      out["codes"] = arr(rec["codes"], "codes")
+      _check_codes(out["codes"], "codes")
     _check_text(rec["caption"], "caption")
   else:
     segs = rec["segments"]
@@ -238,8 +276,8 @@ def _parse(rec, decode_arrays):
     for i, seg in enumerate(segs):
       what = f"segment {i}"
       if not isinstance(seg, dict) or len(seg) != 1 or next(iter(seg)) not in (
-          "text", "ids", "latent"):
-        raise _Bad(f"{what} must be a map with exactly one of 'text', 'ids', 'latent'",
+          "text", "ids", "latent", "codes"):
+        raise _Bad(f"{what} must be a map with exactly one of 'text', 'ids', 'latent', 'codes'",
                    "unknown_keys")
       (key, value), = seg.items()
       if key == "text":
@@ -247,6 +285,9 @@ def _parse(rec, decode_arrays):
       elif key == "ids":
         value = arr(value, f"{what} ids")
         _check_ids(value, f"{what} ids")
+      elif key == "codes":
+        value = arr(value, f"{what} codes")
+        _check_codes(value, f"{what} codes")
       else:
         value = arr(value, f"{what} latent")
         _check_latent(value, f"{what} latent")

@@ -83,3 +83,16 @@ def write_image_caption_records(path, count, latent_shape, *, seed=0, start=0):
       latent = rng.standard_normal(latent_shape).astype(np.float16)
       yield records_lib.image_caption_record(latent, caption_for(i), id=f"random-{i}")
   return records_lib.write_records(path, gen(), options="group_size:1,uncompressed")
+
+
+def write_code_caption_records(path, count, code_shape, codebook_size, *, seed=0, start=0):
+  """`count` pairs of random VQ codes [h, w] in [0, codebook_size) and captions (discrete
+  images). Returns the count."""
+  rng = np.random.default_rng(seed)
+
+  def gen():
+    for i in range(start, start + count):
+      codes = rng.integers(0, codebook_size, code_shape)
+      yield records_lib.image_caption_record(codes=codes, caption=caption_for(i),
+                                             id=f"codes-{i}")
+  return records_lib.write_records(path, gen())

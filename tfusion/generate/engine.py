@@ -15,6 +15,11 @@ caption, complete, interleaved) pad a batch to a multiple of data x fsdp with co
 last row (and key) and drop those rows after: a real row keeps its key, so its sample does not
 depend on the device count. The building blocks (prefill, decode_text, ...) need batches that
 divide. Without a mesh everything runs where the params are (as before).
+
+Discrete images (config.model.image.representation="discrete", tfusion/discrete.py): images
+are n VQ codes drawn token by token with the KV cache (tfusion/generate/discrete.py; guidance on
+logits, temperature, top-k); `text_to_image` returns codes int32 [B, h, w] (decode them with
+the VQ-VAE: `VQVAE.decode_codes`) and `caption` reads codes.
 """
 
 import dataclasses
@@ -28,7 +33,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tfusion import diffusion, sharding
+from tfusion import discrete as discrete_lib
 from tfusion.generate import context as context_lib
+from tfusion.generate import discrete as discrete_gen
 from tfusion.generate import image as image_lib
 from tfusion.generate import text as text_lib
 from tfusion.model import transfusion
@@ -120,8 +127,15 @@ class Generator:
       raise ValueError(f"special token ids {bad} are outside the model's vocabulary "
                        f"(config.model.vocab_size={vocab})")
     img = config.model.get("image") or None
-    self.latent_shape = (img.latent_size, img.latent_size, img.latent_channels) if img else None
-    self.num_patches = (img.latent_size // img.patch_size) ** 2 if img else 0
+    self.discrete = bool(img) and discrete_lib.is_discrete(config.model)
+    if self.discrete:
+      discrete_lib.check_vocab(config.model, max(dataclasses.asdict(special).values()) + 1,
+                               what="the special tokens")
+      self.latent_shape = discrete_lib.code_shape(config.model)  # the code grid
+      self.num_patches = discrete_lib.num_image_tokens(config.model)
+    else:
+      self.latent_shape = (img.latent_size, img.latent_size, img.latent_channels) if img else None
+      self.num_patches = (img.latent_size // img.patch_size) ** 2 if img else 0
     self._intra = config.model.intra_image
     self._model_key = config.model.to_json()  # Generators of equal models share compilations
 
@@ -316,6 +330,19 @@ class Generator:
     name, steps, objective = self._resolve(sampler, steps, clip_x0, sampling)
     return {"sampler": name, "steps": steps, **objective.sampling_settings()}
 
+  def _with_unconditional(self, ctx, uncond_prompt):
+    """For guidance: ctx [B] followed by B unconditional rows (default <bos> <boi>) that end at
+    the same cursor. Returns (context [2B], the unconditional rows' last logits [B, V])."""
+    b = ctx.batch_size
+    uncond = list(uncond_prompt or (self.special.bos, self.special.boi))
+    cursor = int(ctx.cursor)
+    if len(uncond) > cursor:
+      raise ValueError(f"the unconditional context ({len(uncond)} tokens) is longer than the "
+                       f"conditional one ({cursor} slots)")
+    uctx = self.new_context(b)._replace(cursor=jnp.int32(cursor - len(uncond)))
+    uctx, ulogits = self.append_tokens(uctx, np.tile(np.asarray(uncond, np.int32), (b, 1)))
+    return context_lib.concat_contexts(ctx, uctx), ulogits
+
   def _draw(self, ctx, keys, active, sampler, steps, scale, guided, uncond_prompt, clip_x0=None,
             objective=None):
     b = ctx.batch_size
@@ -324,14 +351,7 @@ class Generator:
                        f"{self.room(ctx)} left (config.model.max_len={self.max_len})")
     active = jnp.ones((b,), bool) if active is None else jnp.asarray(active, bool)
     if guided:
-      uncond = list(uncond_prompt or (self.special.bos, self.special.boi))
-      cursor = int(ctx.cursor)
-      if len(uncond) > cursor:
-        raise ValueError(f"the unconditional context ({len(uncond)} tokens) is longer than the "
-                         f"conditional one ({cursor} slots)")
-      uctx = self.new_context(b)._replace(cursor=jnp.int32(cursor - len(uncond)))
-      uctx, _ = self.append_tokens(uctx, np.tile(np.asarray(uncond, np.int32), (b, 1)))
-      ctx = context_lib.concat_contexts(ctx, uctx)
+      ctx, _ = self._with_unconditional(ctx, uncond_prompt)
     if objective is None:
       objective = image_lib.sampling_objective(self.config, {"clip_x0": clip_x0})
     times = jnp.asarray(objective.sampling_times(steps))
@@ -379,6 +399,8 @@ class Generator:
       prompts: B sequences of text token ids (without <bos>/<boi>).
       keys: [B, 2] per-sample keys (`sample_keys`).
     """
+    if self.discrete:
+      return self.text_to_codes(prompts, keys, guidance_scale=guidance_scale)
     self.check_text_to_image(prompts, sampler, steps, clip_x0, sampling)
     s, b = self.special, len(prompts)
     pad = self._padding(b)  # copies of the last row, dropped below; real rows keep their keys
@@ -390,13 +412,21 @@ class Generator:
 
   def check_text_to_image(self, prompts, sampler=None, steps=None, clip_x0=None, sampling=None):
     """The checks of `text_to_image` (ValueError), without running anything."""
+    if self.discrete:
+      self._check_lengths(prompts, extra=3 + self.num_patches, what="with <bos>, <boi>, the "
+                          f"image's {self.num_patches} codes and <eoi>")
+      return
     check_image_layers(self.params, self.config)
     self._resolve(sampler, steps, clip_x0, sampling)
     self._check_lengths(prompts, extra=3 + self.num_patches, what="with <bos>, <boi>, the "
                         f"image's {self.num_patches} patches and <eoi>")
 
   def caption(self, latents, keys, *, max_new_tokens=32, temperature=0.0, top_p=1.0):
-    """Text for each image: <bos> <boi> image <eoi> -> generated ids (lists, without <eos>)."""
+    """Text for each image: <bos> <boi> image <eoi> -> generated ids (lists, without <eos>).
+    Discrete: `latents` are VQ codes int [B, h, w]."""
+    if self.discrete:
+      return self.caption_codes(latents, keys, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p)
     check_image_layers(self.params, self.config)
     latents = np.asarray(latents, np.float32)
     s, b = self.special, latents.shape[0]
@@ -488,6 +518,87 @@ class Generator:
     n = self.num_patches
     self._check_lengths(prompts, extra=1 + (n + 2 if num_images else 0), what="with <bos>" + (
         f" and room for one image (<boi>, {n} patches, <eoi>)" if num_images else ""))
+
+  # ------------------------------------------------------------------ discrete images
+
+  def _require_discrete(self, what):
+    if not self.discrete:
+      raise ValueError(f"{what} needs config.model.image.representation='discrete' (this model "
+                       "is continuous: use sample_image / text_to_image)")
+
+  def sample_image_tokens(self, ctx, logits, keys, *, active=None, guidance_scale=1.0,
+                          temperature=1.0, top_k=0, uncond_prompt=None, guided=None):
+    """Draws n codes per row at the context's cursor (the slot after <boi>), then <eoi>.
+
+    Args:
+      ctx, logits: the context ending with <boi> and its next-token logits [B, V].
+      keys: [B, 2] per-sample keys. active: bool [B], rows that draw.
+      guidance_scale: classifier-free guidance on logits (1 = none); uncond_prompt: the
+        unconditional context (default <bos> <boi>). guided: force the guided path (default:
+        guidance_scale != 1; the guided path at scale 1 is the conditional model).
+      temperature: 0 = greedy; top_k: 0 = no cut.
+    Returns:
+      (codes int32 [B, h, w], ctx after <eoi>, logits [B, V] after <eoi>).
+    """
+    self._require_discrete("sample_image_tokens")
+    if temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {temperature}")
+    k = discrete_lib.codebook_size(self.config.model)
+    if not 0 <= int(top_k) <= k:
+      raise ValueError(f"top_k must be in [0, {k}] (config.model.image.codebook_size), got "
+                       f"{top_k}")
+    b, n = ctx.batch_size, self.num_patches
+    if n + 1 > self.room(ctx):
+      raise ValueError(f"an image needs {n} codes and <eoi>: {n + 1} slots; the context has "
+                       f"{self.room(ctx)} left (config.model.max_len={self.max_len})")
+    active = jnp.ones((b,), bool) if active is None else jnp.asarray(active, bool)
+    guided = float(guidance_scale) != 1.0 if guided is None else bool(guided)
+    if guided:
+      ctx, ulogits = self._with_unconditional(ctx, uncond_prompt)
+      logits = jnp.concatenate([logits, ulogits], 0)
+    fn = self._jit("sample_codes", discrete_gen.sample_codes,
+                   static=("guided", "num_tokens", "offset", "codebook_size", "top_k", "greedy",
+                           "eoi_id"))
+    codes, ctx, logits = fn(
+        self.params, ctx, logits, self._rows(jnp.asarray(keys)), self._rows(active),
+        jnp.float32(guidance_scale), jnp.float32(max(temperature, 1e-6)), guided=guided,
+        num_tokens=n, offset=discrete_lib.image_token_offset(self.config.model),
+        codebook_size=k, top_k=int(top_k), greedy=temperature == 0, eoi_id=self.special.eoi)
+    return np.asarray(codes).reshape((b,) + self.latent_shape), ctx, logits
+
+  def text_to_codes(self, prompts, keys, *, guidance_scale=1.0, temperature=1.0, top_k=0,
+                    guided=None):
+    """One discrete image per prompt: <bos> prompt <boi> c_1..c_n <eoi> -> codes [B, h, w]."""
+    self._require_discrete("text_to_codes")
+    self.check_text_to_image(prompts)
+    s, b = self.special, len(prompts)
+    pad = self._padding(b)
+    prompts, keys = self._pad_rows(list(prompts), pad), self._pad_rows(jnp.asarray(keys), pad)
+    ctx, logits = self.prefill([[s.bos, *p, s.boi] for p in prompts],
+                               reserve=self.num_patches + 1)
+    codes, _, _ = self.sample_image_tokens(ctx, logits, keys, guidance_scale=guidance_scale,
+                                           temperature=temperature, top_k=top_k, guided=guided)
+    return codes[:b]
+
+  def caption_codes(self, codes, keys, *, max_new_tokens=32, temperature=0.0, top_p=1.0):
+    """Text for each discrete image: <bos> <boi> c_1..c_n <eoi> -> ids (without <eos>)."""
+    self._require_discrete("caption_codes")
+    codes = np.asarray(codes)
+    if tuple(codes.shape[1:]) != self.latent_shape:
+      raise ValueError(f"codes of shape {tuple(codes.shape[1:])} do not match the model's "
+                       f"{self.latent_shape} (config.model.image.latent_size)")
+    from tfusion.vae import quantizer
+    quantizer.check_codes(codes, discrete_lib.codebook_size(self.config.model),
+                          "codes to caption (config.model.image.codebook_size)")
+    s, b = self.special, codes.shape[0]
+    pad = self._padding(b)
+    codes, keys = self._pad_rows(codes, pad), self._pad_rows(jnp.asarray(keys), pad)
+    image = discrete_lib.codes_to_tokens(codes, self.config.model)
+    prompts = [[s.bos, s.boi, *row.tolist(), s.eoi] for row in image]
+    ctx, logits = self.prefill(prompts, pad_multiple=1)
+    result, _, _ = self.decode_text(ctx, logits, keys, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_p=top_p)
+    return [result.ids(i) for i in range(b)]
 
   def _check_lengths(self, prompts, *, extra, what):
     if not len(prompts):

@@ -10,6 +10,10 @@ Inputs follow the batch contract (DESIGN.md). The forward pass:
   4. text logits at every position; the hidden states of each image's span are gathered back
      per slot and decoded to a prediction [B, M, h, w, c] (epsilon or velocity).
 The pieces are separate methods so that generation can run them with a KV cache.
+
+With config.model.image.representation="discrete" (the Chameleon baseline, tfusion/discrete.py)
+images are VQ tokens in the vocabulary: the model has no image layers, ignores `image_index`
+and the latents, and runs causal attention over every position (`text_forward`).
 """
 
 from typing import Any
@@ -17,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from tfusion import discrete as discrete_lib
 from tfusion.model import attention as attention_lib
 from tfusion.model import image_io
 from tfusion.model import layers
@@ -70,12 +75,15 @@ class Transfusion(nn.Module):
     self.embedding = nn.Embed(
         cfg.vocab_size, cfg.d_model, dtype=dtype, name="embedding",
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
-    self.time_embedding = image_io.TimestepEmbedding(cfg.d_model, dtype=jnp.float32)
-    if img.encoder == "linear":
+    if discrete_lib.is_discrete(cfg):
+      discrete_lib.check_vocab(cfg)
+    elif img.encoder == "linear":
+      self.time_embedding = image_io.TimestepEmbedding(cfg.d_model, dtype=jnp.float32)
       self.image_in = image_io.LinearEncoder(cfg.d_model, img.patch_size, dtype=dtype)
       self.image_out = image_io.LinearDecoder(
           img.patch_size, img.latent_size, img.latent_size, img.latent_channels, dtype=dtype)
     elif img.encoder == "unet":
+      self.time_embedding = image_io.TimestepEmbedding(cfg.d_model, dtype=jnp.float32)
       self.image_in = image_io.UNetEncoder(
           cfg.d_model, img.patch_size, tuple(img.unet_channels), img.unet_blocks_per_level)
       self.image_out = image_io.UNetDecoder(
@@ -150,8 +158,11 @@ class Transfusion(nn.Module):
       noisy_latents: [B, M, h, w, c] noised image latents.
       image_time: [B, M] diffusion time in [0, 1] of each slot.
     Returns:
-      (text logits float32 [B, L, V], image prediction float32 [B, M, h, w, c]).
+      (text logits float32 [B, L, V], image prediction float32 [B, M, h, w, c]); discrete:
+      (logits over text and image tokens, None), causal everywhere.
     """
+    if discrete_lib.is_discrete(self.config):
+      return self.text_forward(tokens, positions, segment_ids), None
     vectors, aux = self.encode_images(noisy_latents, image_time)
     x = self.embed(tokens, image_index, vectors)
     mask = attention_lib.intervals(segment_ids, image_index, intra_image=self.config.intra_image)
