@@ -70,6 +70,29 @@ class EvalContext:
     return vae_lib.load_vae(self.config.vae.path)
 
   @functools.cached_property
+  def image_decoder(self):
+    """generated images -> uint8 [N, H, W, 3]: the VAE's decode of latents, or in discrete mode
+    (config.model.image.representation) the VQ-VAE at config.vae.path decoding codes."""
+    from tfusion import discrete as discrete_lib
+    from tfusion.generate import output
+    from tfusion.vae import images as images_lib
+    if not discrete_lib.is_discrete(self.config.model):
+      return lambda latents: output.decode_latents(self.vae, latents)
+    from tfusion.vae import vq as vq_lib
+    if not self.config.vae.path:
+      raise ValueError("config.vae.path (the VQ-VAE) is required to decode generated codes")
+    vq = vq_lib.load_vq(self.config.vae.path)
+    discrete_lib.check_codebook(self.config.model, vq.num_codes,
+                                f"the VQ-VAE {self.config.vae.path} (config.vae.path)")
+
+    def decode(codes, batch_size=16):
+      codes = np.asarray(codes, np.int32)
+      out = [np.asarray(vq.decode_codes(codes[i:i + batch_size], "generated codes"))
+             for i in range(0, len(codes), batch_size)]
+      return images_lib.to_uint8(np.concatenate(out))
+    return decode
+
+  @functools.cached_property
   def generator(self):
     from tfusion.generate import engine
     return engine.Generator(self.config, self.params,
@@ -94,7 +117,8 @@ class EvalContext:
 
   def generate_images(self, captions):
     """uint8 images [N, H, W, 3] for `captions`, with the config's sampler and guidance."""
-    from tfusion.generate import engine, image as image_lib, output
+    from tfusion import discrete as discrete_lib
+    from tfusion.generate import engine, image as image_lib
     e = self.config.eval
     sampler, steps = image_lib.resolve_sampler(e.sampler or None, self.config.diffusion.objective,
                                                e.steps or None,
@@ -107,6 +131,9 @@ class EvalContext:
     objective = image_lib.sampling_objective(self.config, sampling, where="config.eval.")
     self.settings.update(sampler=sampler, steps=steps, guidance_scale=e.guidance_scale,
                          num_samples=len(captions), **objective.sampling_settings())
+    if discrete_lib.is_discrete(self.config.model):  # codes drawn token by token (no sampler)
+      self.settings.update(sampler="autoregressive", steps=discrete_lib.num_image_tokens(
+          self.config.model))
     ids = [self.tokenizer.encode(c) for c in captions]
     cache = sample_cache.ChunkCache(self._sample_dir(captions))
     # Recorded, not part of the cache key: chunks do not depend on who drew them.
@@ -130,9 +157,10 @@ class EvalContext:
         cache.put(start, done)
         progress.update(len(chunk))
       latents.append(done)
-    shape = (0, *self.generator.latent_shape)
-    local = np.concatenate(latents) if latents else np.zeros(shape, np.float32)
-    return output.decode_latents(self.vae, gather_rows(local, len(ids), e.batch_size))
+    # A process with no batch of its own (fewer batches than processes) sends zero rows.
+    local = (np.concatenate(latents) if latents
+             else np.zeros((0, *self.generator.latent_shape), np.float32))
+    return self.image_decoder(gather_rows(local, len(ids), e.batch_size))
 
   def clear_samples(self):
     """Deletes this checkpoint's kept samples (once every suite that reads them is done; with
@@ -249,7 +277,9 @@ def load_caption_references(spec, max_images):
         raise ValueError(f"{path}: record {i} is {rec['kind']!r}, not image_caption "
                          "(config.eval.caption_records)")
       key = rec.get("id") or f"{path}:{i}"
-      latent, refs = groups.setdefault(key, (np.asarray(rec["latent"], np.float32), []))
+      image = (np.asarray(rec["codes"], np.int32) if "codes" in rec  # discrete: VQ codes
+               else np.asarray(rec["latent"], np.float32))
+      latent, refs = groups.setdefault(key, (image, []))
       refs.append(rec["caption"])
       if len(groups) > max_images:
         groups.pop(key)
