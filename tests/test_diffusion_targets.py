@@ -240,7 +240,7 @@ def test_dynamic_thresholding_clips_in_range_estimates_and_shrinks_saturated_one
   assert 0.005 < np.mean(np.abs(out[0]) > 3.0 - 1e-4) < 0.02
 
 
-def test_eval_passes_and_records_the_sampler_settings(monkeypatch):
+def test_eval_passes_and_records_the_sampler_settings(monkeypatch, tmp_path):
   from tfusion.evaluate import suites
   from tfusion.generate import output
   config = configlib.base_config()
@@ -253,7 +253,7 @@ def test_eval_passes_and_records_the_sampler_settings(monkeypatch):
       calls.append(kw)
       return np.zeros((len(ids), 2, 2, 1), np.float32)
 
-  ctx = suites.EvalContext(config, None, 0, "/nonexistent")
+  ctx = suites.EvalContext(config, None, 0, str(tmp_path))
   ctx.__dict__.update(generator=FakeGenerator(), vae=None,
                       tokenizer=types.SimpleNamespace(encode=lambda c: [1, 2]))
   monkeypatch.setattr(output, "decode_latents", lambda vae, latents: latents)
@@ -263,7 +263,8 @@ def test_eval_passes_and_records_the_sampler_settings(monkeypatch):
                                   "threshold_percentile": None, "timestep_spacing": "leading"}
   assert ctx.settings == {"sampler": "ddim", "steps": 20, "guidance_scale": 5.0,
                           "num_samples": 5, "timestep_spacing": "leading",
-                          "x0_threshold": "static", "clip_x0": 2.5}
+                          "x0_threshold": "static", "clip_x0": 2.5, "processes": 1,
+                          "devices_per_process": 1}
   config.eval.timestep_spacing = "uniform"
   with pytest.raises(ValueError, match="config.eval.timestep_spacing must be one of"):
     ctx.generate_images(["a"])
