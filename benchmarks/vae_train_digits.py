@@ -2,13 +2,15 @@
 
 Usage: python benchmarks/vae_train_digits.py                         # the demo's VAE
        python benchmarks/vae_train_digits.py --steps 1500 --out /tmp/digits_vae
+       python benchmarks/vae_train_digits.py --quantizer vq --num_codes 256   # the VQ-VAE
 
 The 1797 8x8 digits (16 gray levels) are scaled to [0, 1], upscaled bicubically to 32x32 and
 replicated to RGB by tfusion.vae.images (as the demo does); 10% are held out. The trainer is
 `tfusion.vae.train.train_vae` (L1 + KL). Reports the held-out PSNR next to two references: the
 best constant guess (the mean training image) and 4x average-pool + nearest upsample, a
 compression with as many numbers per image (8x8x3 = 192) as an 8x8x4 latent (256) would need.
-With --out the VAE is saved (diffusers format, loadable by load_vae) with a PNG of held-out
+`--quantizer vq` trains the Chameleon baseline's VQ-VAE instead (tfusion.vae.train_vq: L1 +
+commitment, EMA codebook) and also reports the held-out code usage. With --out the VAE is saved (diffusers format, loadable by load_vae) with a PNG of held-out
 images (top) and their reconstructions (bottom).
 """
 
@@ -56,6 +58,8 @@ def main():
   parser.add_argument("--kl_weight", type=float, default=1e-4)
   parser.add_argument("--holdout", type=float, default=0.1)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--quantizer", choices=("kl", "vq"), default="kl")
+  parser.add_argument("--num_codes", type=int, default=256, help="vq: codebook size")
   parser.add_argument("--out", default=None, help="save the VAE and a reconstruction PNG here")
   args = parser.parse_args()
   config = VAEConfig(block_out_channels=tuple(int(c) for c in args.block_out_channels.split(",")),
@@ -68,10 +72,16 @@ def main():
   print(f"digits: {len(images)} images {args.size}x{args.size}x3 -> latents "
         f"{args.size // f}x{args.size // f}x{config.latent_channels}; {config}; "
         f"{jax.devices()[0].device_kind} x{len(jax.devices())}")
-  vae, report = train_lib.train_vae(
-      images, config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-      kl_weight=args.kl_weight, holdout=args.holdout, seed=args.seed,
-      log_every=max(1, args.steps // 10))
+  common = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, holdout=args.holdout,
+                seed=args.seed, log_every=max(1, args.steps // 10))
+  if args.quantizer == "vq":
+    from tfusion.vae import train_vq
+    vae, report = train_vq.train_vq(images, config, num_codes=args.num_codes, **common)
+    usage = report["heldout_usage"]
+    print(f"codes {report['code_shape']} per image; held-out code perplexity "
+          f"{usage['perplexity']:.1f}, {usage['used']:.0%} of {args.num_codes} codes used")
+  else:
+    vae, report = train_lib.train_vae(images, config, kl_weight=args.kl_weight, **common)
   total_s = time.perf_counter() - t0
   usage = resource.getrusage(resource.RUSAGE_SELF)
   cpu_s = usage.ru_utime + usage.ru_stime
@@ -86,7 +96,11 @@ def main():
   print(f"{args.steps} steps x batch {args.batch_size} in {report['train_seconds']:.0f} s "
         f"(training incl. compile + final eval); {total_s:.0f} s with data preparation; "
         f"{cpu_s:.0f} CPU-s in all (process time: steadier than wall time on a shared machine)")
-  if args.out:
+  if args.out and args.quantizer == "vq":
+    from tfusion.vae import vq as vq_lib
+    vq_lib.save_vq(vae, args.out)
+    print(f"saved the VQ-VAE to {args.out}")
+  elif args.out:
     vae_lib.save_vae(vae, args.out)
     recon = np.asarray(vae.decode(vae.encode(held[:16])))
     grid = np.concatenate([np.concatenate(list(held[:16]), 1), np.concatenate(list(recon), 1)], 0)
