@@ -1,11 +1,30 @@
-"""The demo's config: the same keys as any run (tfusion/configlib.py) plus a `demo` block."""
+"""The demo's config: the same keys as any run (tfusion/configlib.py) plus a `demo` block.
+
+`representation="discrete"` (`tfusion-demo --config.model.image.representation=discrete`,
+read from the command line before the config is built: the values below depend on it) is the
+Chameleon baseline: a VQ-VAE (256 codes, 8x8 per 32x32 digit) instead of the KL VAE, the codes
+as the last 256 ids of the vocabulary (tokenizer vocabulary + 256, rounded up to a multiple of
+8), causal attention and next-token loss throughout (tfusion/discrete.py).
+"""
 
 import ml_collections
 
 from tfusion import configlib
 
 
-def get_config(quick=False):
+REPRESENTATIONS = ("continuous", "discrete")
+TOKENIZER_VOCAB = 1000
+VQ_CODES = 256
+
+
+def _round_up(n, multiple=8):
+  return -(-n // multiple) * multiple
+
+
+def get_config(quick=False, representation="continuous"):
+  if representation not in REPRESENTATIONS:
+    raise ValueError(f"config.model.image.representation must be one of {REPRESENTATIONS}, "
+                     f"got {representation!r}")
   c = configlib.base_config()
   m = c.model
   m.update(dict(vocab_size=1024, d_model=128, num_layers=4, num_heads=4, num_kv_heads=4,
@@ -55,7 +74,7 @@ def get_config(quick=False):
 
   c.demo = ml_collections.ConfigDict()
   c.demo.quick = quick
-  c.demo.tokenizer_vocab = 1000
+  c.demo.tokenizer_vocab = TOKENIZER_VOCAB
   c.demo.vae_channels = (16, 32, 64)  # 4x down: 32x32 digits -> 8x8x4 latents
   c.demo.vae_groups = 16
   c.demo.vae_steps = 40 if quick else 400
@@ -63,4 +82,12 @@ def get_config(quick=False):
   # judged generations per digit (--quick: 50 in all, so accuracy moves in steps of 0.02)
   c.demo.samples_per_digit = 5 if quick else 10
   c.demo.grid_per_digit = 8  # samples per caption in samples.png
+  c.demo.representation = representation  # what this config was built for (main.py checks)
+
+  if representation == "discrete":
+    # Codes are the last VQ_CODES ids (tfusion/discrete.py); text keeps [0, tokenizer vocab).
+    m.image.representation = "discrete"
+    m.image.codebook_size = VQ_CODES
+    m.vocab_size = _round_up(TOKENIZER_VOCAB + VQ_CODES)  # 1256
+    m.image.latent_size = 8  # the 8x8 code grid of a 32x32 digit (4x down)
   return c

@@ -9,6 +9,10 @@ resumes; nothing finished is redone or overwritten):
   5. train      tfusion-train's machinery (Grain pipeline, Orbax)    -> W/run
   6. evaluate   tfusion-eval's suites on the final checkpoint and on the untrained model
   7. report     W/samples.png, W/captions.png, W/curves.png, W/report.md
+`--config.model.image.representation=discrete` is the Chameleon baseline through the same stages:
+a VQ-VAE (256 codes, 8x8 per digit) in W/vae, VQ codes in the records, a causal next-token model
+whose generated codes the VQ-VAE decodes for the judge and the digit-FID (tfusion/demo/config.py).
+A workdir holds one representation: a run of the other one there stops with a clear error.
 `--quick` runs every stage with few steps (about three minutes; it still learns: judge accuracy
 0.50, captioning 0.63, perplexity well below unigram); the full demo takes about fifteen
 minutes on a 2-core CPU.
@@ -85,7 +89,49 @@ def stage_tokenizer(config, p):
   say(f"tokenizer: trained a {config.demo.tokenizer_vocab}-piece BPE -> {p['tokenizer']}")
 
 
+def _discrete(config):
+  from tfusion import discrete as discrete_lib
+  return discrete_lib.is_discrete(config.model)
+
+
+def check_representation(config, workdir, p):
+  """A workdir holds one representation: continuous outputs (KL VAE, latent records, a run)
+  are not reused by a discrete run, nor the other way round. Raises SystemExit naming both."""
+  from tfusion import discrete as discrete_lib
+  rep = discrete_lib.representation(config.model)
+  built = config.demo.get("representation", "continuous")
+  if rep != built:
+    raise SystemExit(f"tfusion-demo: error: config.model.image.representation={rep!r} but the "
+                     f"demo config was built for {built!r} (its vocabulary, codebook and VAE "
+                     f"follow it): pass --config.model.image.representation={rep} on the command "
+                     f"line, or build it with tfusion.demo.config.get_config(representation="
+                     f"{rep!r})")
+  found = []
+  vae_config = os.path.join(p["vae"], "config.json")
+  if os.path.exists(vae_config):
+    with open(vae_config, encoding="utf-8") as f:
+      is_vq = json.load(f).get("_class_name") == "VQModel"
+    found.append(("discrete" if is_vq else "continuous", vae_config))
+  for records_dir in (p["digits_train"], p["digits_heldout"]):
+    manifest = os.path.join(records_dir, "precompute.json")
+    if os.path.exists(manifest):
+      with open(manifest, encoding="utf-8") as f:
+        found.append(("discrete" if "codes" in json.load(f) else "continuous", manifest))
+  run_config = os.path.join(p["run"], "config.json")
+  if os.path.exists(run_config):
+    with open(run_config, encoding="utf-8") as f:
+      model = json.load(f).get("model", {})
+    found.append((model.get("image", {}).get("representation", "continuous"), run_config))
+  for other, path in found:
+    if other != rep:
+      raise SystemExit(f"tfusion-demo: error: the workdir {workdir!r} holds a {other} demo "
+                       f"({path}), and this run is {rep} (config.model.image.representation): "
+                       f"a workdir holds one representation; choose another --workdir")
+
+
 def stage_vae(config, p):
+  if _discrete(config):
+    return stage_vq(config, p)
   from tfusion import vae as vae_lib
   from tfusion.vae import train as vae_train
   from tfusion.vae.model import VAEConfig
@@ -111,11 +157,47 @@ def stage_vae(config, p):
   say(f"vae: held-out PSNR {report['heldout_psnr']:.2f} dB -> {p['vae']}")
 
 
+def stage_vq(config, p):
+  """Discrete: a small VQ-VAE (config.model.image.codebook_size codes) -> W/vae."""
+  from tfusion import vae as vae_lib
+  from tfusion.vae import train_vq, vq as vq_lib
+  from tfusion.vae.model import VAEConfig
+  if os.path.exists(os.path.join(p["vae"], vae_lib.CONFIG_FILE)):
+    say(f"vae: {p['vae']} exists, kept")
+    return
+  x, _, _, _ = demo_data.split()
+  images = demo_data.upscale(x).astype(np.float32) / 127.5 - 1.0
+  cfg = VAEConfig(block_out_channels=tuple(config.demo.vae_channels), layers_per_block=1,
+                  latent_channels=config.model.image.latent_channels,
+                  norm_num_groups=config.demo.vae_groups, mid_block_add_attention=False)
+  num_codes = int(config.model.image.codebook_size)
+  say(f"vae: training a VQ-VAE {cfg.block_out_channels} ({cfg.downsample_factor}x down, "
+      f"{num_codes} codes) for {config.demo.vae_steps} steps on {len(images)} digits")
+  vq, report = train_vq.train_vq(
+      images, cfg, num_codes=num_codes, steps=config.demo.vae_steps,
+      batch_size=config.demo.vae_batch, lr=2e-3, restart_every=max(config.demo.vae_steps // 8, 1),
+      workdir=p["vae"] + ".training", log_every=max(config.demo.vae_steps // 4, 1), log=say)
+  tmp = p["vae"] + ".partial"
+  vq_lib.save_vq(vq, tmp)
+  _write_atomic(os.path.join(tmp, "train_report.json"),
+                json.dumps({k: v for k, v in report.items() if k != "history"}, default=float))
+  os.replace(tmp, p["vae"])
+  usage = report["heldout_usage"]
+  say(f"vae: VQ held-out PSNR {report['heldout_psnr']:.2f} dB, code perplexity "
+      f"{usage['perplexity']:.0f}, {usage['used']:.0%} of the codes used -> {p['vae']}")
+
+
 def stage_records(config, p):
   from tfusion import vae as vae_lib
   from tfusion.data import precompute, records
   x, y, hx, hy = demo_data.split()
-  vae = vae_lib.load_vae(p["vae"])
+  if _discrete(config):  # codes instead of latents: the same writer, given the VQ-VAE
+    from tfusion import discrete as discrete_lib
+    from tfusion.vae import vq as vq_lib
+    vae = vq_lib.load_vq(p["vae"])
+    discrete_lib.check_codebook(config.model, vae.num_codes, f"the VQ-VAE {p['vae']}")
+  else:
+    vae = vae_lib.load_vae(p["vae"])
   index, caps = demo_data.captions_for(y, seed=config.seed)
   train = precompute.write_latent_records(demo_data.upscale(x)[index], caps, vae,
                                           p["digits_train"], resolution=32)
@@ -147,7 +229,8 @@ def stage_train(config, p):
   from tfusion import train
   say(f"train: {config.model.num_layers} layers x {config.model.d_model}, "
       f"{config.train.steps} steps of {config.data.batch_size} x {config.data.seq_len} positions "
-      f"({config.model.intra_image} attention inside images)")
+      + ("(discrete image tokens, causal attention)" if _discrete(config) else
+         f"({config.model.intra_image} attention inside images)"))
   return train.train_and_evaluate(config, p["run"])
 
 
@@ -188,7 +271,14 @@ def main(argv=None):
 
   argv = list(sys.argv if argv is None else argv)
   quick = "--quick" in argv
-  config_cli.define_config_dict("tfusion-demo", demo_config.get_config(quick),
+  # The representation decides the vocabulary, codebook and VAE (tfusion/demo/config.py), so it
+  # is read before the config is built; the override itself is then applied as usual.
+  representation = config_cli.argv_value(argv, "config.model.image.representation")
+  try:
+    config = demo_config.get_config(quick, representation=representation or "continuous")
+  except ValueError as e:
+    raise SystemExit(f"tfusion-demo: error: --config.model.image.representation: {e}") from None
+  config_cli.define_config_dict("tfusion-demo", config,
                                 "the demo's training config (tfusion/demo/config.py)", argv)
   config_cli.define_show_flag()
   flags.DEFINE_string("workdir", None, "where everything goes (rerun to resume)")
@@ -210,6 +300,7 @@ def run_demo(config, workdir):
   check_writable(workdir)
   p = paths(workdir)
   config = configure_run(config, p)
+  check_representation(config, workdir, p)
   try:
     say(f"workdir {os.path.abspath(workdir)} ({'quick' if config.demo.quick else 'full'} demo)")
     stage_tokenizer(config, p)

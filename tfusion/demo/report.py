@@ -108,8 +108,10 @@ def write_report(config, workdir, p, final_step):
                      ("digit_fid", "digit-FID"), ("caption_accuracy", "captioning accuracy"),
                      ("ppl/heldout_text", "text perplexity (held-out)")):
     panels.append((title, {key: plot.series(evals, key)}))
+  discrete = config.model.image.get("representation", "continuous") == "discrete"
   plot.plot_curves(panels, os.path.join(workdir, "curves.png"),
-                   title=f"tfusion demo ({config.model.intra_image} attention inside images)")
+                   title="tfusion demo (discrete image tokens)" if discrete else
+                   f"tfusion demo ({config.model.intra_image} attention inside images)")
 
   tok = tokenizer_lib.load_tokenizer(p["tokenizer"])
   train_docs, held_docs = demo_data.text_documents()
@@ -137,6 +139,7 @@ def write_report(config, workdir, p, final_step):
       "first_loss": train[0]["loss"] if train else None,
       "last_loss": train[-1]["loss"] if train else None,
       "intra_image": config.model.intra_image,
+      "representation": config.model.image.get("representation", "continuous"),
       "settings": digits_final.get("settings"),
   }
   _write_json(os.path.join(workdir, "report.json"), numbers)
@@ -167,22 +170,30 @@ _PICTURE_TEXT = {
 
 
 def _markdown(config, n, pictures):
+  discrete = n.get("representation") == "discrete"
+  model = ("Chameleon-style model (discrete VQ image tokens, causal attention)" if discrete
+           else "Transfusion")
+  attention = ("" if discrete else
+               f", with {config.model.intra_image} attention inside images")
+  image_loss = ("held-out image-token loss (next-token CE)" if discrete
+                else "held-out image (diffusion) loss")
+  vae = "VQ-VAE" if discrete else "VAE"
   per_digit = " | ".join(_fmt(n["t2i_accuracy_per_digit"][w], ".2f") for w in demo_data.WORDS)
   s = n["settings"] or {}
   return f"""# tfusion demo report
 
-A {config.model.num_layers}-layer, {config.model.d_model}-wide Transfusion trained for
+A {config.model.num_layers}-layer, {config.model.d_model}-wide {model} trained for
 {n['final_step']} steps on CPU on scikit-learn's handwritten digits (captioned) and CPython's
-pydoc pages, with {config.model.intra_image} attention inside images.
+pydoc pages{attention}.
 
 | measure | value | reference |
 |---|---|---|
 | text-to-image accuracy (digit judge) | **{_fmt(n['t2i_accuracy'])}** | chance 0.100; judge on held-out real digits {_fmt(n['judge_heldout_accuracy'])} |
 | digit-FID, generated vs held-out real | **{_fmt(n['digit_fid'], '.2f')}** | untrained model (step 0): {_fmt(n['digit_fid_step0'], '.2f')} |
-| held-out image (diffusion) loss | **{_fmt(n['heldout_image_loss'])}** | untrained model (step 0): {_fmt(n['heldout_image_loss_step0'])} |
+| {image_loss} | **{_fmt(n['heldout_image_loss'])}** | untrained model (step 0): {_fmt(n['heldout_image_loss_step0'])} |
 | captioning accuracy (held-out digits) | **{_fmt(n['caption_accuracy'])}** | chance 0.100 |
 | text perplexity (held-out pydoc pages) | **{_fmt(n['ppl'], '.1f')}** | unigram model: {_fmt(n['unigram_ppl'], '.1f')} |
-| VAE held-out PSNR | {_fmt(n['vae_heldout_psnr'], '.2f')} dB | |
+| {vae} held-out PSNR | {_fmt(n['vae_heldout_psnr'], '.2f')} dB | |
 | training loss | {_fmt(n['first_loss'])} -> {_fmt(n['last_loss'])} | |
 
 Per digit (zero..nine): {per_digit}
