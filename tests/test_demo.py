@@ -6,27 +6,18 @@ import errno
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
+import train_utils
+
 from tfusion import metrics
-
-
-def _demo(workdir, *flags):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one CPU device, as on a user's machine
-  exe = shutil.which("tfusion-demo")
-  cmd = [exe] if exe else [sys.executable, "-m", "tfusion.demo.main"]
-  return subprocess.run(cmd + [f"--workdir={workdir}", *flags], env=env, capture_output=True,
-                        text=True, timeout=1200)
 
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("demo"))
-  proc = _demo(workdir, "--quick")
+  proc = train_utils.run_demo(workdir, "--quick")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return workdir, proc.stdout
 
@@ -82,7 +73,7 @@ def test_rerun_resumes_and_keeps_results(quick_demo):
   before = {n: os.path.getmtime(os.path.join(workdir, n))
             for n in ("data/tokenizer.model", "vae/config.json")}
   evals_before = len(metrics.read_jsonl(os.path.join(workdir, "run", "metrics", "eval.jsonl")))
-  proc = _demo(workdir, "--quick")
+  proc = train_utils.run_demo(workdir, "--quick")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "tokenizer: " in proc.stdout and "exists, kept" in proc.stdout
   for name, mtime in before.items():
@@ -94,7 +85,7 @@ def test_rerun_resumes_and_keeps_results(quick_demo):
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
-  proc = _demo(str(blocker / "demo"), "--quick")
+  proc = train_utils.run_demo(str(blocker / "demo"), "--quick")
   assert proc.returncode != 0
   assert "cannot write to the workdir" in proc.stderr
 

@@ -6,22 +6,12 @@ representation is refused with a clear error."""
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 
+import train_utils
+
 DISCRETE = "--config.model.image.representation=discrete"
-
-
-def _demo(workdir, *flags):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one CPU device, as on a user's machine
-  exe = shutil.which("tfusion-demo")
-  cmd = [exe] if exe else [sys.executable, "-m", "tfusion.demo.main"]
-  return subprocess.run(cmd + [f"--workdir={workdir}", *flags], env=env, capture_output=True,
-                        text=True, timeout=1200)
 
 
 def test_discrete_config_is_built_for_the_codes():
@@ -82,7 +72,8 @@ def test_discrete_workdir_refuses_a_continuous_run(tmp_path):
 
 
 def test_bad_representation_flag_is_one_line(tmp_path):
-  proc = _demo(str(tmp_path), "--quick", "--config.model.image.representation=pixels")
+  proc = train_utils.run_demo(str(tmp_path), "--quick",
+                              "--config.model.image.representation=pixels")
   assert proc.returncode != 0
   assert "representation must be one of" in proc.stderr
   assert "Traceback" not in proc.stderr
@@ -91,7 +82,7 @@ def test_bad_representation_flag_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_quick_discrete_demo_end_to_end(tmp_path):
   workdir = str(tmp_path / "demo")
-  proc = _demo(workdir, "--quick", DISCRETE)
+  proc = train_utils.run_demo(workdir, "--quick", DISCRETE)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   for name in ("report.md", "report.json", "samples.png", "captions.png", "curves.png",
                "vae/config.json", "vae/train_report.json", "run/config.json"):
@@ -113,6 +104,6 @@ def test_quick_discrete_demo_end_to_end(tmp_path):
   assert "discrete" in text and "text-to-image accuracy" in text and "digit-FID" in text
 
   # The same workdir refuses a continuous run, before touching anything.
-  proc = _demo(workdir, "--quick")
+  proc = train_utils.run_demo(workdir, "--quick")
   assert proc.returncode != 0
   assert "holds a discrete demo" in proc.stderr and "choose another --workdir" in proc.stderr

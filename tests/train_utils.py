@@ -1,6 +1,7 @@
 """Shared helpers for training tests: a tiny config, running tfusion-train as a process."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -194,3 +195,13 @@ def random_params(config, seed=0):
     noise = rng.standard_normal(leaf.shape).astype(np.float32) * 0.1
     return jnp.asarray(noise + 1.0 if "scale" in jax.tree_util.keystr(path) else noise)
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def run_demo(workdir, *flags):
+  """`tfusion-demo --workdir=W FLAGS` as a user runs it (one CPU device) -> CompletedProcess."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one CPU device, as on a user's machine
+  exe = shutil.which("tfusion-demo")
+  cmd = [exe] if exe else [sys.executable, "-m", "tfusion.demo.main"]
+  return subprocess.run(cmd + [f"--workdir={workdir}", *flags], env=env, capture_output=True,
+                        text=True, timeout=1200)
