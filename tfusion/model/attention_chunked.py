@@ -15,13 +15,13 @@ The loop bounds are the union over the batch rows of each block's range (rows ar
 together); under data sharding that is one small all-reduce of int32 [n_blocks].
 """
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
 from tfusion.model import attention_intervals as iv_lib
+from tfusion.model import flash_vjp
 
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - _NEG) = 1 never produces NaN
 
@@ -133,23 +133,7 @@ def _backward(q, k, v, iv, out, lse, dout, block_q, block_k):
   return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q, k, v, iv, block_q, block_k):
-  return _forward(q, k, v, iv, block_q, block_k)[0]
-
-
-def _attention_fwd(q, k, v, iv, block_q, block_k):
-  out, lse = _forward(q, k, v, iv, block_q, block_k)
-  return out, (q, k, v, iv, out, lse)
-
-
-def _attention_bwd(block_q, block_k, res, dout):
-  q, k, v, iv, out, lse = res
-  dq, dk, dv = _backward(q, k, v, iv, out, lse, dout, block_q, block_k)
-  return dq, dk, dv, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = flash_vjp.flash_vjp(_forward, _backward)
 
 
 def chunked_attention(q, k, v, iv, *, block_q=512, block_k=512):

@@ -27,6 +27,7 @@ from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
 from tfusion.model import attention_intervals as iv_lib
+from tfusion.model import flash_vjp
 
 _NEG = -1e30
 _SUBLANES = 8
@@ -263,23 +264,7 @@ def _backward(q, k, v, iv, out, lse, dout, plan, interpret):
   return dq, per_group(dk).astype(k.dtype), per_group(dv).astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q, k, v, iv, plan, interpret):
-  return _forward(q, k, v, iv, plan, interpret)[0]
-
-
-def _attention_fwd(q, k, v, iv, plan, interpret):
-  out, lse = _forward(q, k, v, iv, plan, interpret)
-  return out, (q, k, v, iv, out, lse)
-
-
-def _attention_bwd(plan, interpret, res, dout):
-  q, k, v, iv, out, lse = res
-  dq, dk, dv = _backward(q, k, v, iv, out, lse, dout, plan, interpret)
-  return dq, dk, dv, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = flash_vjp.flash_vjp(_forward, _backward)
 
 
 def check_blocks(block_q, block_k, *, interpret):
