@@ -75,3 +75,23 @@ def test_paper_0_37b_needs_remat_on_v5e():
   assert not reports["none"].fits
   assert reports["none"].verdict() == "does not fit: try --config.model.remat=minimal"
   assert reports["full"].fits and reports["full"].peak < 8 * aot.GIB
+
+
+def test_blocked_attention_leaves_no_square_array_in_the_compiled_step():
+  """The dense reference compiles [*, L, L] scores; chunked attention (blocks < L) must not,
+  in the forward or the backward of the real train step."""
+  def config(impl):
+    c = _tiny(data=1, fsdp=1)
+    c.data.batch_size, c.data.seq_len = 2, 176  # no model dim is 176
+    c.model.attention_impl, c.model.attention_block = impl, 64
+    return c
+
+  devices = jax.devices()[:1]
+  dense = aot.compile_step(config("dense"), devices, hbm=80 * aot.GIB)
+  assert any(",176,176]" in s for s in dense.square_arrays), dense.square_arrays
+  assert any("[*, L, L] array shapes" in line for line in dense.lines())
+  chunked = aot.compile_step(config("chunked"), devices, hbm=80 * aot.GIB)
+  assert chunked.square_arrays == ()
+  assert "attention: no [*, L, L] array in the compiled program (L=176)" in chunked.lines()
+  assert aot.square_arrays("x = f32[2,4,192,192] y = pred[192,8,192] z = f32[192,64]", 192) == (
+      "f32[2,4,192,192]", "pred[192,8,192]")

@@ -9,7 +9,8 @@ train_compile.py; CPU: N host devices standing in for a GPU node), the sharded a
 state and batch, and lowers and compiles `train.make_train_step` (the function tfusion-train
 runs) with the target's compiler. Prints the per-device memory XLA plans (arguments, temps,
 outputs, peak) against the chip's HBM, the model FLOPs per step (tfusion/flops.py: XLA's cost
-analysis counts the scanned layer body once, so it is not used), and a verdict.
+analysis counts the scanned layer body once, so it is not used), whether the compiled program
+still holds an O(L^2) array (dense attention scores), and a verdict.
 
 XLA:CPU is only an approximation of a GPU: it has no memory-saving GPU passes and may keep
 bf16 matmul temporaries in float32, so its numbers are an upper bound.
@@ -115,6 +116,8 @@ class Report:
   remat: str
   ce_chunk_size: int
   oom: bool = False  # the compiler refused the plan (TPU): temps are from its error message
+  seq_len: int = 0
+  square_arrays: tuple = ()  # shapes in the compiled program with two dims of size seq_len
 
   @property
   def fits(self):
@@ -145,6 +148,14 @@ class Report:
     if self.peak_flops_per_device:
       t = self.flops_per_step / (self.devices * self.peak_flops_per_device)
       out.append(f"  step time at 100% / 50% MFU: {t:.2f}s / {2 * t:.2f}s")
+    if self.oom:
+      out.append("attention: not checked (the compiler refused the plan)")
+    elif self.square_arrays:
+      out.append(f"attention: {len(self.square_arrays)} [*, L, L] array shapes in the compiled "
+                 f"program (L={self.seq_len}: dense scores or a block as large as L), e.g. "
+                 + ", ".join(self.square_arrays[:3]))
+    else:
+      out.append(f"attention: no [*, L, L] array in the compiled program (L={self.seq_len})")
     out.append("verdict: " + self.verdict())
     return out
 
@@ -179,6 +190,20 @@ def oom_bytes(message):
   return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
 
 
+_HLO_SHAPE = re.compile(r"\b[a-z]+[0-9]*\[([0-9,]+)\]")
+
+
+def square_arrays(hlo_text, length):
+  """Distinct array shapes in HLO text with at least two dims equal to `length`, e.g.
+  "f32[2,4,256,256]": the O(L^2) buffers (attention scores or masks) a blocked kernel avoids."""
+  found = set()
+  for match in _HLO_SHAPE.finditer(hlo_text):
+    dims = [int(d) for d in match.group(1).split(",") if d]
+    if sum(d == length for d in dims) >= 2:
+      found.add(match.group(0))
+  return tuple(sorted(found))
+
+
 def _peak(mem):
   peak = getattr(mem, "peak_memory_in_bytes", 0) or 0
   planned = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -206,9 +231,11 @@ def _compile_step(config, devices, *, hbm=None):
   args = shard_bytes(state) + shard_bytes(batch)
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):  # as train.py's run
-      mem = jitted.lower(state, batch).compile().memory_analysis()
+      compiled = jitted.lower(state, batch).compile()
+    mem = compiled.memory_analysis()
     memory = dict(argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
-                  alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes, peak=_peak(mem))
+                  alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes, peak=_peak(mem),
+                  square_arrays=square_arrays(compiled.as_text(), config.data.seq_len))
   except jax.errors.JaxRuntimeError as e:
     temp = oom_bytes(str(e))  # the TPU compiler refuses plans over HBM: keep its numbers
     if temp is None:
@@ -224,7 +251,7 @@ def _compile_step(config, devices, *, hbm=None):
       hbm=hbm if hbm is not None else hbm_bytes(devices), params=params,
       flops_per_step=flops.train_flops_per_step(config, params),
       peak_flops_per_device=peak_flops, compile_s=seconds, remat=config.model.remat,
-      ce_chunk_size=int(config.loss.get("ce_chunk_size", 0)))
+      ce_chunk_size=int(config.loss.get("ce_chunk_size", 0)), seq_len=config.data.seq_len)
 
 
 def target_devices(topology=None, platform="cpu", num_devices=None, slices=1):
