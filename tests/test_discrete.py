@@ -392,6 +392,68 @@ def test_the_context_after_an_image_holds_exactly_n_codes_and_eoi(tiny, gen):
     gen.caption(codes + 16, keys)
 
 
+def reference_interleaved(model, params, prompt, key, *, num_images, max_text, temperature,
+                          n=4, offset=48, k=16):
+  """The interleaved document by recomputing the whole sequence at every token: greedy text
+  that stops at <eos>/<boi> or after max_text tokens, <boi> added when the text did not end
+  with it, n codes from the image slice (greedy, or at temperature 1 with key
+  fold_in(key, 2i + 1))."""
+  forward = jit(lambda t, p, s: model.apply(params, t, p, s, method=model.text_forward))
+
+  def next_logits(doc):
+    t = np.zeros((1, 40), np.int32)
+    t[0, :len(doc)] = doc
+    seg = (np.arange(40) < len(doc)).astype(np.int32)[None]
+    return np.asarray(forward(t, np.arange(40, dtype=np.int32)[None], seg))[0, len(doc) - 1]
+
+  doc, out = [SPECIAL.bos, *prompt], []
+  for i in range(num_images + 1):
+    text, stop = [], None
+    for _ in range(max_text):
+      token = int(np.argmax(next_logits(doc)))
+      doc.append(token)
+      if token in (SPECIAL.eos, SPECIAL.boi):
+        stop = token
+        break
+      text.append(token)
+    if text:
+      out.append(("text", text))
+    if stop == SPECIAL.eos or i == num_images:
+      break
+    if stop != SPECIAL.boi:
+      doc.append(SPECIAL.boi)
+    image_key = jax.random.fold_in(key, 2 * i + 1)
+    codes = []
+    for j in range(n):
+      logits = jnp.asarray(next_logits(doc)[offset:offset + k])
+      codes.append(int(np.argmax(logits)) if temperature == 0 else
+                   int(jax.random.categorical(jax.random.fold_in(image_key, j), logits)))
+      doc.append(offset + codes[-1])
+    doc.append(SPECIAL.eoi)
+    out.append(("image", codes))
+  return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_interleaved_discrete_documents_equal_recomputing_the_sequence(tiny, gen, temperature):
+  """text -> <boi> codes <eoi> -> text ...: every text token and code as the whole sequence
+  gives it, so each image sees the text before it and the text after sees the codes."""
+  _, model, params = tiny
+  keys = engine.sample_keys(5, len(PROMPTS))
+  got = gen.interleaved(PROMPTS, keys, num_images=2, max_text_tokens=3,
+                        image_temperature=temperature)
+  for r, prompt in enumerate(PROMPTS):
+    want = reference_interleaved(model, params, prompt, np.asarray(keys)[r], num_images=2,
+                                 max_text=3, temperature=temperature)
+    assert [kind for kind, _ in got[r]] == [kind for kind, _ in want], r
+    for (kind, value), (_, expected) in zip(got[r], want):
+      value = np.asarray(value)
+      if kind == "image":
+        assert value.shape == (2, 2) and value.dtype == np.int32
+      np.testing.assert_array_equal(value.reshape(-1), expected)
+  assert sum(kind == "image" for doc in got for kind, _ in doc) >= 3  # images were drawn
+
+
 def test_generation_requests_are_checked(tiny, gen):
   config, _, params = tiny
   with pytest.raises(ValueError, match="top_k"):

@@ -392,15 +392,17 @@ class Generator:
   # ------------------------------------------------------------------ tasks
 
   def text_to_image(self, prompts, keys, *, sampler=None, steps=None, guidance_scale=1.0,
-                    clip_x0=None, sampling=None):
-    """One image per prompt: <bos> prompt <boi> -> latents [B, h, w, c].
+                    clip_x0=None, sampling=None, image_temperature=1.0, image_top_k=0):
+    """One image per prompt: <bos> prompt <boi> -> latents [B, h, w, c] (discrete: codes
+    int32 [B, h, w], drawn with image_temperature / image_top_k).
 
     Args:
       prompts: B sequences of text token ids (without <bos>/<boi>).
       keys: [B, 2] per-sample keys (`sample_keys`).
     """
     if self.discrete:
-      return self.text_to_codes(prompts, keys, guidance_scale=guidance_scale)
+      return self.text_to_codes(prompts, keys, guidance_scale=guidance_scale,
+                                temperature=image_temperature, top_k=image_top_k)
     self.check_text_to_image(prompts, sampler, steps, clip_x0, sampling)
     s, b = self.special, len(prompts)
     pad = self._padding(b)  # copies of the last row, dropped below; real rows keep their keys
@@ -456,7 +458,7 @@ class Generator:
 
   def interleaved(self, prompts, keys, *, num_images=1, max_text_tokens=32, temperature=0.0,
                   top_p=1.0, sampler=None, steps=None, guidance_scale=1.0, clip_x0=None,
-                  sampling=None):
+                  sampling=None, image_temperature=1.0, image_top_k=0):
     """text -> <boi> image <eoi> -> text ..., each image conditioned on all before it.
 
     A text segment ends at <boi>, <eos> or after `max_text_tokens`; while a row has images
@@ -467,8 +469,11 @@ class Generator:
     Args:
       prompts: B sequences of text ids (without <bos>). keys: [B, 2] per-row keys (text
         segment k uses fold_in(key, 2k), image k fold_in(key, 2k + 1)).
+      image_temperature, image_top_k: discrete models only, how codes are drawn (the
+        sampler settings are for continuous images).
     Returns:
-      per row, a list of ("text", ids) and ("image", latents [h, w, c]) segments.
+      per row, a list of ("text", ids) and ("image", latents [h, w, c], or for a discrete
+      model codes int32 [h, w]) segments.
     """
     self.check_interleaved(prompts, num_images, sampler, steps, clip_x0, sampling)
     s, n = self.special, self.num_patches
@@ -496,12 +501,19 @@ class Generator:
         break
       force_boi = ~done & (result.stop_token != s.boi)
       if force_boi.any():
-        ctx, _ = self.append_tokens(ctx, np.full((b, 1), s.boi, np.int32), force_boi[:, None])
+        ctx, boi_logits = self.append_tokens(ctx, np.full((b, 1), s.boi, np.int32),
+                                             force_boi[:, None])
+        logits = jnp.where(force_boi[:, None], boi_logits, logits)  # what follows <boi>
       drawing = ~done
-      latents = self.sample_image(ctx, _fold(keys, 2 * k + 1), active=drawing, sampler=sampler,
-                                  steps=steps, guidance_scale=guidance_scale, clip_x0=clip_x0,
-                                  sampling=sampling)
-      ctx, logits = self.append_image(ctx, latents, active=drawing)
+      if self.discrete:  # codes token by token from the logits after <boi>; <eoi> written
+        latents, ctx, logits = self.sample_image_tokens(
+            ctx, logits, _fold(keys, 2 * k + 1), active=drawing, guidance_scale=guidance_scale,
+            temperature=image_temperature, top_k=image_top_k)
+      else:
+        latents = self.sample_image(ctx, _fold(keys, 2 * k + 1), active=drawing,
+                                    sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                                    clip_x0=clip_x0, sampling=sampling)
+        ctx, logits = self.append_image(ctx, latents, active=drawing)
       latents = np.asarray(latents)
       for i in np.flatnonzero(drawing):
         out[i].append(("image", latents[i]))
@@ -512,12 +524,13 @@ class Generator:
     """The checks of `interleaved` (ValueError), without running anything."""
     if num_images < 0:
       raise ValueError(f"num_images must be >= 0, got {num_images}")
-    if num_images:
+    if num_images and not self.discrete:
       check_image_layers(self.params, self.config)
       self._resolve(sampler, steps, clip_x0, sampling)
     n = self.num_patches
+    unit = "codes" if self.discrete else "patches"
     self._check_lengths(prompts, extra=1 + (n + 2 if num_images else 0), what="with <bos>" + (
-        f" and room for one image (<boi>, {n} patches, <eoi>)" if num_images else ""))
+        f" and room for one image (<boi>, {n} {unit}, <eoi>)" if num_images else ""))
 
   # ------------------------------------------------------------------ discrete images
 
