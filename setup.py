@@ -56,6 +56,7 @@ setup(
             "tfusion-train-tokenizer=tfusion.data.tokenizer:main",
             "tfusion-precompute-latents=tfusion.data.precompute:main",
             "tfusion-vae-stats=tfusion.vae.stats:main",
+            "tfusion-import-vq=tfusion.vae.vq_import:main",
             "tfusion-convert-mc=tfusion.evaluate.mc_convert:main",
             "tfusion-convert-inception=tfusion.evaluate.convert_inception:main",
             "tfusion-convert-clip=tfusion.evaluate.convert_clip:main",

@@ -42,8 +42,20 @@ def squared_distances(z, codebook):
           + jnp.sum(codebook * codebook, -1)[None, :])
 
 
-def nearest_codes(z, codebook):
-  """Index of the nearest codebook entry per vector: z [..., D] -> [...] int32."""
+def l2_normalize(x, eps=1e-12):
+  """x [..., D] / max(||x||, eps) along D (torch.nn.functional.normalize's rule)."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, -1, keepdims=True)), eps)
+
+
+def nearest_codes(z, codebook, l2_norm=False):
+  """Index of the nearest codebook entry per vector: z [..., D] -> [...] int32.
+
+  l2_norm: z and the entries are L2-normalised first (nearest by cosine similarity, as
+  LlamaGen's codebook_l2_norm); the caller then decodes with normalised entries too.
+  """
+  if l2_norm:
+    z, codebook = l2_normalize(z), l2_normalize(codebook)
   flat = z.reshape(-1, z.shape[-1])
   return jnp.argmin(squared_distances(flat, codebook), -1).astype(jnp.int32).reshape(z.shape[:-1])
 

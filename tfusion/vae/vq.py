@@ -57,16 +57,18 @@ def abstract_params(config, code_dim):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(config, code_dim):
+def _jitted(config, code_dim, l2_norm=False):
   model = VQAutoencoder(config, code_dim)
 
   @jax.jit
   def encode_codes(params, codebook, images):
     z = model.apply({"params": params}, images, method=VQAutoencoder.encode)
-    return quantizer.nearest_codes(z, codebook)
+    return quantizer.nearest_codes(z, codebook, l2_norm=l2_norm)
 
   @jax.jit
   def decode_codes(params, codebook, codes):
+    if l2_norm:
+      codebook = quantizer.l2_normalize(codebook)
     z_q = quantizer.lookup(codes, codebook)
     return model.apply({"params": params}, z_q, method=VQAutoencoder.decode)
 
@@ -75,10 +77,15 @@ def _jitted(config, code_dim):
 
 @dataclasses.dataclass(frozen=True)
 class VQVAE:
-  """A trained VQ-VAE: conv params and the codebook [num_codes, code_dim]."""
+  """A trained VQ-VAE: conv params and the codebook [num_codes, code_dim].
+
+  codebook_l2_norm (LlamaGen's VQ): codes are chosen by cosine similarity (z and the entries
+  L2-normalised before the nearest-code search) and decode the normalised entries.
+  """
   config: VAEConfig
   params: Any
   codebook: Any
+  codebook_l2_norm: bool = False
 
   @property
   def num_codes(self):
@@ -99,14 +106,15 @@ class VQVAE:
     if images.ndim != 4 or images.shape[1] % f or images.shape[2] % f:
       raise ValueError(f"VQVAE.encode_codes expects [N, H, W, 3] images with H, W divisible by "
                        f"{f}, got {images.shape}")
-    return _jitted(self.config, self.code_dim)[0](self.params, self.codebook, images)
+    return _jitted(self.config, self.code_dim, self.codebook_l2_norm)[0](
+        self.params, self.codebook, images)
 
   def decode_codes(self, codes, where="codes"):
     """codes int [N, h, w] -> images float [N, h*f, w*f, 3]; out-of-range codes are an error
     naming `where`."""
     quantizer.check_codes(codes, self.num_codes, where)
-    return _jitted(self.config, self.code_dim)[1](self.params, self.codebook,
-                                                  jnp.asarray(codes, jnp.int32))
+    return _jitted(self.config, self.code_dim, self.codebook_l2_norm)[1](
+        self.params, self.codebook, jnp.asarray(codes, jnp.int32))
 
 
 def config_dict(vq):
@@ -115,6 +123,8 @@ def config_dict(vq):
   cfg.update(_class_name=CLASS_NAME, num_vq_embeddings=vq.num_codes, vq_embed_dim=vq.code_dim)
   for key in ("use_quant_conv", "use_post_quant_conv"):
     cfg.pop(key, None)
+  if vq.codebook_l2_norm:  # a tfusion key (diffusers ignores it); absent means False
+    cfg["codebook_l2_norm"] = True
   return cfg
 
 
@@ -145,16 +155,20 @@ def load_vq(path):
   if raw.get("_class_name") != CLASS_NAME:
     raise ValueError(f"{config_path} describes a {raw.get('_class_name')!r}, not a {CLASS_NAME} "
                      "(a continuous VAE loads with tfusion.vae.load_vae)")
+  if raw.get("norm_type", "group") != "group":  # MoVQ's spatial norm: a different decoder
+    raise ValueError(f"{config_path}: norm_type={raw['norm_type']!r}; only 'group' is supported")
   config = VAEConfig.from_dict(raw)
   state = load_file(weights_path)
   if CODEBOOK_KEY not in state:
     raise weights_lib.WeightMismatchError(f"{weights_path} has no codebook ({CODEBOOK_KEY})")
   codebook = state.pop(CODEBOOK_KEY)
-  want = (raw["num_vq_embeddings"], raw["vq_embed_dim"])
+  # diffusers' VQModel: vq_embed_dim None means latent_channels.
+  want = (raw["num_vq_embeddings"], raw.get("vq_embed_dim") or config.latent_channels)
   if tuple(codebook.shape) != want:
     raise weights_lib.WeightMismatchError(
         f"{weights_path}: codebook {tuple(codebook.shape)}, config.json says {want} "
         "(num_vq_embeddings, vq_embed_dim)")
   params = weights_lib.state_dict_to_params(state, abstract_params(config, want[1]),
                                             source=weights_path)
-  return VQVAE(config, jax.tree.map(jnp.asarray, params), jnp.asarray(codebook))
+  return VQVAE(config, jax.tree.map(jnp.asarray, params), jnp.asarray(codebook),
+               codebook_l2_norm=bool(raw.get("codebook_l2_norm", False)))
