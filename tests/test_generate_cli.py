@@ -109,3 +109,84 @@ def test_missing_checkpoint_and_usage_errors(tmp_path, capsys):
   with pytest.raises(SystemExit):
     cli.main(["--workdir", str(tmp_path), "--prompt", "x"])  # no output named
   assert "say where the images go" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def discrete_workdir(workdir, tmp_path_factory):
+  """A discrete (Chameleon-baseline) checkpoint beside a 16-code VQ-VAE (4x down: 16x16 images
+  are 4x4 codes). Returns (workdir, vq_dir, config, params)."""
+  from tfusion.vae import vq as vq_lib
+  from tfusion.vae.model import VAEConfig
+  root = tmp_path_factory.mktemp("generate_cli_discrete")
+  run_dir, _, _ = workdir
+  cfg = VAEConfig(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4,
+                  norm_num_groups=4, mid_block_add_attention=False)
+  rng = np.random.default_rng(1)
+  vq_params = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32) * 0.1,
+                           vq_lib.abstract_params(cfg, 3))
+  # A codebook of encoder vectors of random images, so that images get varied codes.
+  images = rng.uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
+  z = np.asarray(vq_lib.VQAutoencoder(cfg, 3).apply(
+      {"params": vq_params}, images, method=vq_lib.VQAutoencoder.encode)).reshape(-1, 3)
+  vq_dir = str(root / "vq")
+  vq_lib.save_vq(vq_lib.VQVAE(cfg, vq_params, z[rng.choice(len(z), 16, replace=False)]), vq_dir)
+  config = configlib.base_config()
+  config.model.update(vocab_size=320, d_model=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                      head_dim=16, mlp_dim=64, max_len=80)
+  config.model.image.update(representation="discrete", codebook_size=16, latent_size=4,
+                            patch_size=1)
+  config.data.tokenizer = os.path.join(os.path.dirname(run_dir), "tok.model")  # the text run's
+  config.vae.path = vq_dir
+  model = train_state.build_model(config)
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                        *train_state.dummy_inputs(config.model)))
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32) * 0.3, shapes)
+  ckpt = checkpoint.Checkpointer(str(root / "run"), async_save=False)
+  ckpt.save(2, {"params": params, "step": np.int32(2)}, {}, config.to_json())
+  ckpt.close()
+  return str(root / "run"), vq_dir, config, params
+
+
+def test_discrete_model_draws_codes_the_vq_vae_decodes(discrete_workdir, tmp_path, capsys):
+  """text -> codes with the image flags -> PNGs decoded by the VQ-VAE; interleaved documents;
+  captions of images encoded to codes."""
+  from tfusion.generate import engine
+  from tfusion.vae import images as images_lib, vq as vq_lib
+  run_dir, vq_dir, config, params = discrete_workdir
+  prompts = ["a red bird", "two green apples"]
+  args = ["--workdir", run_dir, "--prompt", prompts[0], "--prompt", prompts[1], "--seed", "4",
+          "--cfg", "2", "--image_temperature", "0.7", "--image_top_k", "5",
+          "--images_dir", str(tmp_path / "images"), "--latents", str(tmp_path / "codes.npy"),
+          "--fast_compile"]
+  wrote, printed = _run(args, capsys)
+  assert "discrete images" in printed and "sampler autoregressive 16 steps" in printed
+  codes = np.load(tmp_path / "codes.npy")
+  assert codes.shape == (2, 4, 4) and codes.dtype == np.int32
+  tok = tokenizer_lib.load_tokenizer(config.data.tokenizer)
+  gen = engine.Generator(config, params, engine.SpecialTokens.from_tokenizer(tok))
+  want = gen.text_to_image([tok.encode(p) for p in prompts], engine.sample_keys(4, 2),
+                           guidance_scale=2.0, image_temperature=0.7, image_top_k=5)
+  np.testing.assert_array_equal(codes, want)  # the flags reach the sampler
+  vq = vq_lib.load_vq(vq_dir)  # the reference: the VQ-VAE itself, not the CLI's codec
+  png = np.asarray(Image.open(tmp_path / "images" / "0001_00.png"))
+  np.testing.assert_array_equal(png, images_lib.to_uint8(np.asarray(vq.decode_codes(codes)))[1])
+
+  wrote, printed = _run(["--workdir", run_dir, "--prompt", prompts[0], "--interleaved",
+                         "--num_images", "2", "--max_new_tokens", "3", "--out",
+                         str(tmp_path / "doc.png"), "--fast_compile"], capsys)
+  assert printed.count("[image") == 2 and os.path.exists(tmp_path / "doc.png")
+
+  image = tmp_path / "noise.png"
+  png = np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8)
+  Image.fromarray(png).save(image)
+  wrote, printed = _run(["--workdir", run_dir, "--caption", str(image), "--max_new_tokens", "4",
+                         "--fast_compile"], capsys)
+  pixels = np.asarray(png, np.float32)[None] / 127.5 - 1.0
+  codes = np.asarray(vq.encode_codes(pixels))
+  assert len(np.unique(codes)) > 4  # varied codes: a caption that read them wrongly differs
+  want = gen.caption(codes, engine.sample_keys(0, 1), max_new_tokens=4)
+  assert wrote["captions"][0]["caption"] == tok.decode(want[0])
+
+  with pytest.raises(SystemExit) as e:
+    cli.main(args[:4] + ["--image_top_k", "17", "--latents", str(tmp_path / "x.npy")])
+  assert e.value.code == 2 and "config.model.image.codebook_size" in capsys.readouterr().err

@@ -8,6 +8,9 @@
 
 The newest checkpoint is used unless --step names one. The tokenizer and the VAE come from
 --tokenizer / --vae, or from the run's config (config.data.tokenizer, config.vae.path).
+A discrete (Chameleon-baseline) model draws VQ codes token by token (--image_temperature,
+--image_top_k, --cfg on logits) and --vae is its VQ-VAE, which decodes them and encodes the
+images to --caption.
 DDPM models sample with config.diffusion's clean-estimate bound and step spacing unless
 --x0_threshold / --clip_x0 / --threshold_percentile / --timestep_spacing say otherwise.
 Everything is checked (prompt lengths, sampler, image layers, files) before the model runs.
@@ -57,6 +60,10 @@ def parse_args(argv):
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--max_new_tokens", type=int, default=64, help="text tokens per text segment")
   p.add_argument("--num_images", type=int, default=1, help="images per document (--interleaved)")
+  p.add_argument("--image_temperature", type=float, default=1.0,
+                 help="discrete models: temperature of the image codes (0: greedy)")
+  p.add_argument("--image_top_k", type=int, default=0,
+                 help="discrete models: draw codes from the k most likely (0: all)")
   p.add_argument("--batch_size", type=int, default=16, help="rows generated together")
   p.add_argument("--tokenizer", default=None, help="SentencePiece .model (default from config)")
   p.add_argument("--vae", default=None, help="VAE directory (default config.vae.path)")
@@ -113,15 +120,6 @@ def _vae_path(args, config):
   return path
 
 
-def _load_vae(path, config):
-  from tfusion import vae as vae_lib
-  vae = vae_lib.load_vae(path)
-  if vae.latent_channels != config.model.image.latent_channels:
-    raise ValueError(f"VAE {path} has {vae.latent_channels} latent channels; the model expects "
-                     f"config.model.image.latent_channels={config.model.image.latent_channels}")
-  return vae
-
-
 def _batches(n, size):
   return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -129,8 +127,8 @@ def _batches(n, size):
 def run(args):
   """The job behind the console script (returns what it wrote, for tests)."""
   import jax
-  from tfusion import checkpoint, sharding
-  from tfusion.generate import engine, image as image_lib
+  from tfusion import checkpoint, discrete as discrete_lib, sharding
+  from tfusion.generate import engine, image as image_lib, output as output_lib
 
   # One device: params replicated on every device would make every device do the same work.
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
@@ -145,9 +143,23 @@ def run(args):
   prompts = [tok.encode(p) for p in args.prompt]
   wrote = {}
 
-  if args.caption is not None or not args.text:  # everything but text-only needs image layers
-    engine.check_image_layers(params, config)
-  if args.caption is None and not args.text:
+  if (args.caption is not None or not args.text) and not gen.discrete:
+    engine.check_image_layers(params, config)  # all but text-only need the image layers
+  image_sampling = dict(image_temperature=args.image_temperature, image_top_k=args.image_top_k)
+  if gen.discrete and args.caption is None and not args.text:
+    if args.interleaved:
+      gen.check_interleaved(prompts, args.num_images)
+    else:
+      gen.check_text_to_image(prompts)
+    codebook = discrete_lib.codebook_size(config.model)
+    if args.image_temperature < 0 or not 0 <= args.image_top_k <= codebook:
+      raise ValueError(f"--image_temperature must be >= 0 and --image_top_k in [0, "
+                       f"{codebook}] (config.model.image.codebook_size), got "
+                       f"{args.image_temperature} and {args.image_top_k}")
+    wrote["settings"] = dict(sampler="autoregressive", steps=gen.num_patches,
+                             temperature=args.image_temperature, top_k=args.image_top_k,
+                             weights=source)
+  elif args.caption is None and not args.text:
     args.sampler, args.steps = image_lib.resolve_sampler(
         args.sampler, config.diffusion.objective, args.steps, config.diffusion.num_train_steps,
         args.clip_x0)
@@ -160,19 +172,21 @@ def run(args):
     wrote["settings"] = dict(gen.sampling_settings(args.sampler, args.steps, args.clip_x0,
                                                    sampling), weights=source)
   needs_vae = args.caption is not None or (not args.text and (args.out or args.images_dir))
-  vae = _load_vae(_vae_path(args, config), config) if needs_vae else None
+  vae = output_lib.ImageCodec(_vae_path(args, config), config) if needs_vae else None
   # Every prompt --num times, one seeded key per row (all modes but --caption).
   rows_prompts = [p for p in prompts for _ in range(args.num)]
   row_keys = engine.sample_keys(args.seed, len(rows_prompts))
   print(f"checkpoint {args.workdir} step {step} ({source} weights); {config.model.num_layers}x"
-        f"{config.model.d_model} model, {config.diffusion.objective} objective", flush=True)
+        f"{config.model.d_model} model, " + ("discrete images (VQ codes)" if gen.discrete else
+                                             f"{config.diffusion.objective} objective"),
+        flush=True)
   start = time.perf_counter()
 
   if args.caption is not None:
     from tfusion.vae import images as images_lib
     size = config.model.image.latent_size * vae.downsample_factor
     pixels = np.stack([images_lib.load_image(f, size) for f in args.caption])
-    latents = np.asarray(vae.encode(pixels))
+    latents = vae.encode(pixels)  # VAE latents, or a discrete model's VQ codes
     keys = engine.sample_keys(args.seed, len(latents))
     captions = []
     for rows in _batches(len(latents), args.batch_size):
@@ -208,7 +222,8 @@ def run(args):
                               num_images=args.num_images, max_text_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p,
                               sampler=args.sampler, steps=args.steps, guidance_scale=args.cfg,
-                              clip_x0=args.clip_x0, sampling=sampling_overrides(args))
+                              clip_x0=args.clip_x0, sampling=sampling_overrides(args),
+                              **image_sampling)
     latents, labels = [], []
     for i, doc in enumerate(docs):
       pieces = [args.prompt[i // args.num]]
@@ -229,15 +244,15 @@ def run(args):
       latents.append(np.asarray(gen.text_to_image(
           [rows_prompts[i] for i in rows], row_keys[rows.start:rows.stop], sampler=args.sampler,
           steps=args.steps, guidance_scale=args.cfg, clip_x0=args.clip_x0,
-          sampling=sampling_overrides(args))))
+          sampling=sampling_overrides(args), **image_sampling)))
     latents = np.concatenate(latents)
     docs = [[("image", x)] for x in latents]
     labels = [args.prompt[i // args.num] for i in range(len(latents))]
     _write_images(args, vae, gen, latents, labels, docs, wrote)
-    extra = "".join(f", {k} {v}" for k, v in wrote["settings"].items()
-                    if k not in ("sampler", "steps"))
-    print(f"{len(latents)} images ({len(prompts)} prompts x {args.num}), sampler {args.sampler} "
-          f"{args.steps} steps, cfg {args.cfg}{extra}", flush=True)
+    settings = wrote["settings"]
+    extra = "".join(f", {k} {v}" for k, v in settings.items() if k not in ("sampler", "steps"))
+    print(f"{len(latents)} images ({len(prompts)} prompts x {args.num}), sampler "
+          f"{settings['sampler']} {settings['steps']} steps, cfg {args.cfg}{extra}", flush=True)
   print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
   return wrote
 
@@ -251,7 +266,8 @@ def _write_jsonl(path, records):
 
 
 def _write_images(args, vae, gen, latents, labels, docs, wrote):
-  """Latents (all images, in document order) -> --latents .npy, PNGs and the labelled grid."""
+  """Latents or codes (all images, in document order) -> --latents .npy, PNGs and the labelled
+  grid; `vae` is the ImageCodec that decodes them."""
   from tfusion.generate import output
   if args.latents:
     os.makedirs(os.path.dirname(os.path.abspath(args.latents)), exist_ok=True)
@@ -260,7 +276,7 @@ def _write_images(args, vae, gen, latents, labels, docs, wrote):
     print(f"wrote {args.latents} ({latents.shape})")
   if vae is None or not len(latents):
     return
-  pixels = output.decode_latents(vae, latents)
+  pixels = vae.decode(latents)
   if args.images_dir:
     k = 0
     for row, doc in enumerate(docs):

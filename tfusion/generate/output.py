@@ -1,4 +1,4 @@
-"""Pictures out: latents -> pixels with the project's VAE, PNG files, and a labelled grid."""
+"""Pictures out: latents or VQ codes -> pixels (the image codec), PNG files, a labelled grid."""
 
 import os
 
@@ -17,6 +17,47 @@ def decode_latents(vae, latents, batch_size=16):
   out = [np.asarray(vae.decode(latents[i:i + batch_size]))
          for i in range(0, len(latents), batch_size)]
   return images_lib.to_uint8(np.concatenate(out))
+
+
+class ImageCodec:
+  """Pixels <-> what the model reads and writes as images, by config.model.image.representation:
+  normalized latents [N, h, w, c] through the VAE (continuous) or VQ codes int [N, h, w] through
+  the VQ-VAE (discrete). `path`: the VAE or VQ-VAE directory."""
+
+  def __init__(self, path, config):
+    from tfusion import discrete as discrete_lib
+    self.path, self.discrete = path, discrete_lib.is_discrete(config.model)
+    if self.discrete:
+      from tfusion.vae import vq as vq_lib
+      self.model = vq_lib.load_vq(path)
+      discrete_lib.check_codebook(config.model, self.model.num_codes,
+                                  f"the VQ-VAE {path} (config.vae.path / --vae)")
+    else:
+      from tfusion import vae as vae_lib
+      self.model = vae_lib.load_vae(path)
+      if self.model.latent_channels != config.model.image.latent_channels:
+        raise ValueError(f"VAE {path} has {self.model.latent_channels} latent channels; the "
+                         "model expects config.model.image.latent_channels="
+                         f"{config.model.image.latent_channels}")
+
+  @property
+  def downsample_factor(self):
+    return self.model.downsample_factor
+
+  def encode(self, pixels):
+    """float [N, H, W, 3] in [-1, 1] -> latents [N, h, w, c] (the mean) or codes [N, h, w]."""
+    if self.discrete:
+      return np.asarray(self.model.encode_codes(pixels))
+    return np.asarray(self.model.encode(pixels))
+
+  def decode(self, images, batch_size=16):
+    """latents [N, h, w, c] or codes [N, h, w] -> uint8 images [N, H, W, 3]."""
+    if not self.discrete:
+      return decode_latents(self.model, images, batch_size)
+    codes = np.asarray(images, np.int32)
+    out = [np.asarray(self.model.decode_codes(codes[i:i + batch_size], "generated codes"))
+           for i in range(0, len(codes), batch_size)]
+    return images_lib.to_uint8(np.concatenate(out))
 
 
 def save_png(path, image):
