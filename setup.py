@@ -36,6 +36,8 @@ setup(
         "test": ["pytest>=8", "scikit-image", "pyarrow"],
         # tfusion-precompute-latents --parquet (webdataset tars and COCO need nothing extra).
         "ingest": ["pyarrow"],
+        # --workdir gs://...: etils.epath's GCS backend where TensorFlow is not installed.
+        "gcs": ["gcsfs"],
         # PyTorch reference implementations, only for the equivalence tests. Exact pins: these
         # wheels are on the CI machines' disk (a looser torch would pull a multi-GB CUDA build).
         # Deviceless TPU topologies: tfusion-aot compiles for a pod with the TPU compiler, no

@@ -22,6 +22,8 @@
   another process count gets the saved state when every process saved the same one (e.g.
   synthetic data: a step counter), else a one-line `DataStateMismatchError`. Checkpoints of
   earlier versions (one `data` item written by process 0) still restore.
+* A workdir may be a URL (gs://...): Orbax and TensorStore write the checkpoints there
+  themselves; this module's own files and listings go through tfusion/paths.py.
 """
 
 import dataclasses
@@ -36,12 +38,14 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from tfusion import paths
+
 CHECKPOINT_DIR = "checkpoints"
 EMA_KEY = "ema_params"  # tfusion/ema.py (not imported: this module stays free of the model)
 
 
 def checkpoint_dir(workdir):
-  return os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  return paths.absolute(paths.join(workdir, CHECKPOINT_DIR))
 
 
 DATA_ITEM = "data_states"
@@ -58,12 +62,10 @@ class DataStatesHandler(ocp.CheckpointHandler):
 
   def save(self, directory, args):
     i, n = jax.process_index(), jax.process_count()
-    path = os.path.join(os.fspath(directory), f"process_{i}-of-{n}.json")
+    path = paths.join(os.fspath(directory), f"process_{i}-of-{n}.json")
     # Orbax commits the whole step directory after every process returned from save; the
     # rename only keeps a reader of this temporary directory from seeing a torn file.
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(args.state, f)
-    os.replace(path + ".tmp", path)
+    paths.write_atomic(path, json.dumps(args.state))
 
   def restore(self, directory, args=None):
     del args
@@ -92,10 +94,10 @@ class DataStatesRestore(ocp.args.CheckpointArgs):
 def saved_process_counts(directory):
   """{process count: {process index: file path}} of the data states in `directory`."""
   out = {}
-  for name in sorted(os.listdir(directory)):
+  for name in paths.listdir(directory):
     m = _STATE_FILE.match(name)
     if m:
-      out.setdefault(int(m.group(2)), {})[int(m.group(1))] = os.path.join(directory, name)
+      out.setdefault(int(m.group(2)), {})[int(m.group(1))] = paths.join(directory, name)
   return out
 
 
@@ -109,8 +111,7 @@ def read_data_state(directory, *, where, process_index=None, process_count=None)
   n = jax.process_count() if process_count is None else process_count
   files = saved_process_counts(directory)
   if i in files.get(n, {}):
-    with open(files[n][i], encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(paths.read_text(files[n][i]))
   if len(files) != 1:  # none, or several counts: not what a complete save leaves
     raise FileNotFoundError(f"{directory}: no data state of process {i} of {n} "
                             f"(found counts {sorted(files)})")
@@ -120,8 +121,7 @@ def read_data_state(directory, *, where, process_index=None, process_count=None)
                             f"{sorted(set(range(saved_n)) - set(saved))} of {saved_n} are missing")
   states = []
   for path in saved.values():
-    with open(path, encoding="utf-8") as f:
-      states.append(json.load(f))
+    states.append(json.loads(paths.read_text(path)))
   if all(s == states[0] for s in states):  # e.g. synthetic data: one step counter
     return states[0]
   raise DataStateMismatchError(
@@ -255,7 +255,7 @@ class Checkpointer:
         item=abstract_state,
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
         partial_restore=True)}  # the structure was checked (_fit): a subtree is on purpose
-    legacy = data and not os.path.isdir(os.path.join(self.directory, str(step), DATA_ITEM))
+    legacy = data and not paths.isdir(paths.join(self.directory, str(step), DATA_ITEM))
     if data and legacy:
       args[LEGACY_DATA_ITEM] = ocp.args.JsonRestore()
     elif data:
@@ -275,20 +275,20 @@ class Checkpointer:
   def check_data_states(self, step):
     """Raises DataStateMismatchError if `step`'s data states do not fit this run's processes
     (read-only, before a job writes anything). Damage is left to restore_latest."""
-    directory = os.path.join(self.directory, str(step), DATA_ITEM)
+    directory = paths.join(self.directory, str(step), DATA_ITEM)
     try:
-      read_data_state(directory, where=os.path.join(self.directory, str(step)))
+      read_data_state(directory, where=paths.join(self.directory, str(step)))
     except (OSError, ValueError) as e:
       if isinstance(e, DataStateMismatchError):
         raise
 
   def _set_aside(self, step, error):
-    src = os.path.join(self.directory, str(step))
-    dst = os.path.join(self.directory, f"corrupt-{step}-{int(time.time())}")
+    src = paths.join(self.directory, str(step))
+    dst = paths.join(self.directory, f"corrupt-{step}-{int(time.time())}")
     logging.warning("checkpoint %s cannot be restored (%s: %s); moving it to %s and using the "
                     "previous one", src, type(error).__name__, str(error)[:300], dst)
-    if jax.process_index() == 0 and os.path.exists(src):
-      os.rename(src, dst)
+    if jax.process_index() == 0 and paths.exists(src):
+      paths.move(src, dst)
     if jax.process_count() > 1:  # nobody lists the directory before the move
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"tfusion:set-aside-{step}")

@@ -117,15 +117,15 @@ def load_spec(spec, flag="--config"):
 def load_run_config(workdir):
   """A run's resolved config: W/config.json, else the newest checkpoint's; None if neither."""
   import ml_collections
-  path = os.path.join(workdir, CONFIG_JSON)
-  if os.path.exists(path):
+  from tfusion import paths
+  path = paths.join(workdir, CONFIG_JSON)
+  if paths.exists(path):
     try:
-      with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+      return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
     except (OSError, ValueError) as e:
       raise ConfigError(f"{path} is not a readable config ({_first_line(e)})") from None
   from tfusion import checkpoint as checkpoint_lib
-  if not os.path.isdir(checkpoint_lib.checkpoint_dir(workdir)):
+  if not paths.isdir(checkpoint_lib.checkpoint_dir(workdir)):
     return None
   reader = checkpoint_lib.Checkpointer(workdir, read_only=True)
   for step in reversed(reader.all_steps()):

@@ -20,28 +20,27 @@ cool-down (WSD) with `--config.optim.cooldown_steps=N` (and `cooldown_start=S` f
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from tfusion import checkpoint as checkpoint_lib
-from tfusion import optim
+from tfusion import optim, paths
 
 INIT_WHAT = ("params", "params+opt", "all")
 
 
 def parse_init_from(spec):
-  """"W1" or "W1:STEP" -> (absolute workdir, step or None)."""
+  """"W1" or "W1:STEP" -> (absolute workdir, step or None); W1 may be a URL (gs://b/run)."""
   path, sep, step = spec.rpartition(":")
   if sep and step.isdigit() and path:
-    return os.path.abspath(path), int(step)
-  return os.path.abspath(spec), None
+    return paths.absolute(path), int(step)
+  return paths.absolute(spec), None
 
 
 def check_not_self(spec, workdir):
-  if parse_init_from(spec)[0] == os.path.abspath(workdir):
+  if parse_init_from(spec)[0] == paths.absolute(workdir):
     raise ValueError(f"--init_from {spec} is this run's own workdir; a fork needs a new one")
 
 

@@ -9,11 +9,19 @@ from, skipped records, preemption, non-finite steps).
 
 A job that must not write before its checks pass (tfusion-train: the workdir lock) calls
 `setup_console()` early and `log_to_file(...)` once it owns the workdir.
+
+On a remote workdir (gs://, tfusion/paths.py) a FileHandler cannot write to the URL: the
+lines go to a local temporary copy of W/logs/<job>.log (started from the remote file, so a
+resumed run's log continues it) that is uploaded whole at most every 30 s when a line is
+logged, and when the handler is removed or closed (logging closes it at interpreter exit).
+A killed process loses the lines since the last upload; the console has them all.
 """
 
 import logging
 import os
 import sys
+
+from tfusion import paths
 
 _TAG = "_tfusion_handler"
 _FORMAT = "%(asctime)s %(levelname).1s %(filename)s:%(lineno)d] %(message)s"
@@ -58,14 +66,36 @@ def log_file_path(workdir, job_name, process_index=None):
     import jax
     process_index = jax.process_index()
   name = job_name if process_index == 0 else f"{job_name}-{process_index}"
-  return os.path.join(workdir, "logs", name + ".log")
+  return paths.join(workdir, "logs", name + ".log")
+
+
+class _MirroredFileHandler(logging.FileHandler):
+  """A FileHandler on a local copy of a remote log file (paths.LocalMirror), uploaded when
+  due (after a record) and on close."""
+
+  def __init__(self, path, flush_secs=30.0):
+    self.mirror = paths.LocalMirror(paths.dirname(path), flush_secs=flush_secs)
+    local = self.mirror.fetch(os.path.basename(path))
+    super().__init__(local, encoding="utf-8")
+
+  def flush(self):
+    super().flush()
+    if self.mirror is not None and self.mirror.due():
+      self.mirror.sync()
+
+  def close(self):
+    super().close()
+    if self.mirror is not None:
+      mirror, self.mirror = self.mirror, None
+      mirror.close()
 
 
 def log_to_file(workdir, job_name):
   """Appends our INFO+ lines to `log_file_path(...)`. Returns the handler (for `remove`)."""
   path = log_file_path(workdir, job_name)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  handler = _tagged(logging.FileHandler(path, encoding="utf-8"))
+  paths.makedirs(paths.dirname(path))
+  handler = _tagged(logging.FileHandler(path, encoding="utf-8") if paths.is_local(path)
+                    else _MirroredFileHandler(path))
   root = logging.getLogger()
   absl = logging.getLogger("absl")
   handler.previous_levels = {root: root.level, absl: absl.level}

@@ -19,7 +19,9 @@ checkpoints.
 
 Before its first write the job takes W/LOCK (tfusion/workdir_lock.py): a second trainer on a
 live workdir refuses. Workdir: checkpoints/, config.json (resolved config, a fork's lineage),
-metrics/train.jsonl, tb/ (TensorBoard), logs/ (this job's warnings and info lines).
+metrics/train.jsonl, tb/ (TensorBoard), logs/ (this job's warnings and info lines). The
+workdir may be a URL (gs://bucket/run): every file goes through tfusion/paths.py, the
+checkpoints through Orbax (see README, "Workdirs on GCS").
 """
 
 import contextlib
@@ -40,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tfusion import batch as batch_lib
 from tfusion import checkpoint as checkpoint_lib
 from tfusion import diffusion, flops, logs, losses, metrics as metrics_lib, optim, sharding, train_state
-from tfusion import configlib, discrete, ema, workdir_lock
+from tfusion import configlib, discrete, ema, paths, workdir_lock
 from tfusion.model import attention
 
 
@@ -249,7 +251,7 @@ def train_and_evaluate(config, workdir, *, on_log: Optional[Callable] = None,
   if jax.process_count() > 1:  # every process looks at the workdir before any writes to it
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("tfusion:inspect-workdir")
-  has_checkpoints = os.path.isdir(ckpt_dir)
+  has_checkpoints = paths.isdir(ckpt_dir)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("tfusion:inspected-workdir")
   steps, lineage, parent = [], None, None
@@ -390,8 +392,7 @@ def _train(config, workdir, mesh, shardings, data_iter, parent, lineage, on_log)
                  "%s", lineage["parent_workdir"], lineage["parent_step"], lineage["init_what"],
                  "; ".join(lineage["config_diff"]) or "none")
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config_json)
+    paths.write_text(paths.join(workdir, "config.json"), config_json)
   ckpt = checkpoint_lib.Checkpointer(
       workdir, keep=config.checkpoint.keep, keep_period=config.checkpoint.keep_period or None,
       async_save=config.checkpoint.async_save)
@@ -401,11 +402,11 @@ def _train(config, workdir, mesh, shardings, data_iter, parent, lineage, on_log)
     ckpt.close()
     _close(data_iter)
     raise
-  jsonl = os.path.join(workdir, "metrics", "train.jsonl")
+  jsonl = paths.join(workdir, "metrics", "train.jsonl")
   dropped = metrics_lib.truncate_after(jsonl, start)  # steps after `start` are redone
   if dropped:
     logging.info("dropped %d records after step %d from %s", dropped, start, jsonl)
-  writer = metrics_lib.MetricWriter(jsonl, os.path.join(workdir, "tb"))
+  writer = metrics_lib.MetricWriter(jsonl, paths.join(workdir, "tb"))
   step_fn = make_train_step(config, mesh, shardings)
   num_params = train_state.param_count(state)
   peak = flops.peak_flops(jax.devices())
@@ -482,6 +483,7 @@ def _train(config, workdir, mesh, shardings, data_iter, parent, lineage, on_log)
           on_log(step + 1, scalars)
         window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
       if (step + 1) % config.checkpoint.every_steps == 0 and step + 1 < total:
+        writer.flush()  # a remote train.jsonl holds every record up to a resumable step
         ckpt.save(step + 1, state, data_iter.get_state(), config_json)
     else:
       step = total

@@ -8,6 +8,14 @@ stale (a crash, a SIGKILL) and is taken over with a warning, and so is one left 
 run of this same SLURM job (a requeued job keeps its id and starts only after the old one
 ended, possibly on another node); any other lock from another host cannot be checked from
 here: `--force_unlock` takes it over once you know that run is gone.
+
+On a remote workdir (gs://, tfusion/paths.py) there is no exclusive create through epath, so
+the lock is best-effort: process 0 writes the lock object with a unique token, waits
+`SETTLE_SECONDS`, reads it back and refuses if another token is there (the last writer of a
+race wins, the others see its token). Two starts whose read-write gaps both fit inside that
+wait can still both proceed; an exact lock would need GCS generation preconditions, which
+epath does not expose. It guards against the usual mistake (a second run started on a live
+workdir), not against two starts in the same second.
 """
 
 import datetime
@@ -15,10 +23,15 @@ import json
 import logging
 import os
 import socket
+import time
+import uuid
 
 import jax
 
+from tfusion import paths
+
 LOCK_FILE = "LOCK"
+SETTLE_SECONDS = 2.0  # remote: how long a racing writer has to overwrite our lock object
 
 
 class WorkdirLockedError(RuntimeError):
@@ -38,8 +51,7 @@ def _pid_alive(pid):
 def read_holder(workdir):
   """The lock's content as a dict, or None when there is no (readable) lock."""
   try:
-    with open(os.path.join(workdir, LOCK_FILE), encoding="utf-8") as f:
-      return json.loads(f.read() or "{}")
+    return json.loads(paths.read_text(paths.join(workdir, LOCK_FILE)) or "{}")
   except FileNotFoundError:
     return None
   except (OSError, ValueError):
@@ -51,12 +63,16 @@ def describe(holder):
           f"since {holder.get('since', '?')}")
 
 
+def _settle(seconds):
+  time.sleep(seconds)
+
+
 class WorkdirLock:
   """Context manager: `with WorkdirLock(workdir, force=False): train...`."""
 
   def __init__(self, workdir, *, force=False):
     self.workdir = workdir
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = paths.join(workdir, LOCK_FILE)
     self.force = force
     self.mine = None  # what process 0 wrote (to release only our own lock)
 
@@ -82,10 +98,9 @@ class WorkdirLock:
           return holder
         logging.warning("taking over the lock of %s (%s): %s", self.workdir, describe(holder),
                         "--force_unlock" if self.force else "that process is gone")
-        try:
-          os.remove(self.path)
-        except FileNotFoundError:
-          pass
+        paths.remove(self.path)
+      if not paths.is_local(self.path):
+        return self._write_and_confirm(me)
       os.makedirs(self.workdir, exist_ok=True)
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -96,6 +111,19 @@ class WorkdirLock:
       self.mine = me
       return None
     return read_holder(self.workdir) or {}
+
+  def _write_and_confirm(self, me):
+    """Remote (best-effort, see the module docstring): our token is still there after the
+    settle time, or we refuse naming whoever overwrote it."""
+    me = dict(me, token=uuid.uuid4().hex)
+    paths.makedirs(self.workdir)
+    paths.write_text(self.path, json.dumps(me))
+    _settle(SETTLE_SECONDS)
+    holder = read_holder(self.workdir)
+    if holder != me:
+      return holder or {}
+    self.mine = me
+    return None
 
   def acquire(self):
     holder = self._try_take() if jax.process_index() == 0 else None
@@ -116,10 +144,7 @@ class WorkdirLock:
     if self.mine is None:
       return
     if read_holder(self.workdir) == self.mine:
-      try:
-        os.remove(self.path)
-      except FileNotFoundError:
-        pass
+      paths.remove(self.path)
     self.mine = None
 
   def __enter__(self):

@@ -15,11 +15,14 @@ resolution agree; a file from another network or resolution is an error naming t
 
 import dataclasses
 import hashlib
+import io
 import os
 import warnings
 
 import numpy as np
 import scipy.linalg
+
+from tfusion import paths
 
 STATS_VERSION = 1
 
@@ -109,11 +112,10 @@ def fid(stats_a, stats_b, method="sqrtm"):
 
 def save_statistics(path, stats):
   """Writes Statistics to an .npz file (atomically: a reader never sees half a file)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez(f, mu=stats.mu, sigma=stats.sigma, count=stats.count, network=stats.network,
-             resolution=stats.resolution, content=stats.content, version=STATS_VERSION)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, mu=stats.mu, sigma=stats.sigma, count=stats.count, network=stats.network,
+           resolution=stats.resolution, content=stats.content, version=STATS_VERSION)
+  paths.write_atomic(path, buffer.getvalue(), tmp_suffix=f".tmp{os.getpid()}")
 
 
 def load_statistics(path, *, network=None, resolution=None):
@@ -121,10 +123,10 @@ def load_statistics(path, *, network=None, resolution=None):
 
   Raises FileNotFoundError, or StatsMismatchError naming the file and what differs.
   """
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"FID statistics file {path!r} does not exist")
   try:
-    with np.load(path) as data:
+    with np.load(path if paths.is_local(path) else io.BytesIO(paths.read_bytes(path))) as data:
       stats = Statistics(mu=data["mu"], sigma=data["sigma"], count=int(data["count"]),
                          network=str(data["network"]), resolution=int(data["resolution"]),
                          content=str(data["content"]))
@@ -229,11 +231,11 @@ def reference_statistics(source, extractor, *, resolution, cache_dir, network=No
     content = array_content_hash(array)
     batches = lambda: array  # noqa: E731
   key = hashlib.sha256(f"v{STATS_VERSION}:{content}:{network}:{resolution}".encode())
-  path = os.path.join(cache_dir, f"fid_stats_{key.hexdigest()[:24]}.npz")
-  if os.path.exists(path):
+  path = paths.join(cache_dir, f"fid_stats_{key.hexdigest()[:24]}.npz")  # may be in gs://
+  if paths.exists(path):
     return load_statistics(path, network=network, resolution=resolution), path
   stats = statistics_of_images(batches(), extractor, resolution=resolution, network=network,
                                batch_size=batch_size, content=content)
-  os.makedirs(cache_dir, exist_ok=True)
+  paths.makedirs(cache_dir)
   save_statistics(path, stats)
   return stats, path

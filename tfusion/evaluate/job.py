@@ -29,7 +29,7 @@ import time
 
 from tfusion import checkpoint as checkpoint_lib
 from tfusion import ema
-from tfusion import flops, metrics as metrics_lib
+from tfusion import flops, metrics as metrics_lib, paths
 from tfusion.evaluate import suites as suites_lib
 
 STATE_FILE = "eval_state.json"
@@ -106,7 +106,7 @@ def check_inputs(config, suites, *, eval_keys_only=False):
 
 
 def _state_path(workdir):
-  return os.path.join(workdir, "metrics", STATE_FILE)
+  return paths.join(workdir, "metrics", STATE_FILE)
 
 
 def load_done(workdir):
@@ -115,10 +115,9 @@ def load_done(workdir):
   must not evaluate that suite again)."""
   path = _state_path(workdir)
   done = {}
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      done = {int(k): set(v) for k, v in json.load(f)["done"].items()}
-  for record in metrics_lib.read_jsonl(os.path.join(workdir, "metrics", "eval.jsonl")):
+  if paths.exists(path):
+    done = {int(k): set(v) for k, v in json.loads(paths.read_text(path))["done"].items()}
+  for record in metrics_lib.read_jsonl(paths.join(workdir, "metrics", "eval.jsonl")):
     if "suite" in record:
       done.setdefault(int(record["step"]), set()).add(record["suite"])
   return done
@@ -129,11 +128,10 @@ def _save_done(workdir, done):
   if jax.process_index() != 0:  # every process keeps `done` in memory; process 0 writes it
     return
   path = _state_path(workdir)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"done": {str(k): sorted(v) for k, v in sorted(done.items())}}, f)
-  os.replace(tmp, path)  # atomic: a crash leaves the old or the new state, never half of one
+  paths.makedirs(paths.dirname(path))
+  # atomic: a crash leaves the old or the new state, never half of one
+  paths.write_atomic(path, json.dumps({"done": {str(k): sorted(v)
+                                                for k, v in sorted(done.items())}}))
 
 
 def _with_eval_overrides(stored, config):
@@ -179,7 +177,7 @@ def evaluate_checkpoint(workdir, step, suites, *, config=None, done=None, writer
   except checkpoint_lib.NoEMAWeightsError as e:  # config.eval.weights=ema: not damage
     raise checkpoint_lib.NoEMAWeightsError(f"config.eval.weights=ema: {e}") from None
   except Exception as e:  # noqa: BLE001 - Orbax raises many kinds for missing/corrupt files
-    where = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step))
+    where = paths.join(checkpoint_lib.checkpoint_dir(workdir), str(step))
     raise DamagedCheckpointError(f"checkpoint {where} cannot be restored "
                                  f"({type(e).__name__}: {str(e)[:200]})") from e
   cfg = _with_eval_overrides(stored, config)
@@ -226,20 +224,20 @@ def run(workdir, suites, *, config=None, once=False, poll_seconds=30.0, final_st
       raise ValueError(f"unknown eval suite {name!r}; known: {sorted(suites_lib.SUITES)}")
   if config is not None:  # fail before waiting for checkpoints, with the run's own paths
     from tfusion import config_cli
-    stored = config_cli.load_run_config(workdir) if os.path.isdir(workdir) else None
+    stored = config_cli.load_run_config(workdir) if paths.isdir(workdir) else None
     if stored is not None:
       check_inputs(_with_eval_overrides(stored, config), suites)
     else:
       check_inputs(config, suites, eval_keys_only=True)
   done = load_done(workdir)
   damaged = set()  # steps skipped in this call (retried by a restarted watcher)
-  writer = metrics_lib.MetricWriter(os.path.join(workdir, "metrics", "eval.jsonl"),
-                                    os.path.join(workdir, "tb", "eval"))
+  writer = metrics_lib.MetricWriter(paths.join(workdir, "metrics", "eval.jsonl"),
+                                    paths.join(workdir, "tb", "eval"))
   evaluated = []
   try:
     while True:
       steps = (checkpoint_lib.Checkpointer(workdir, read_only=True).all_steps()
-               if os.path.isdir(checkpoint_lib.checkpoint_dir(workdir)) else [])
+               if paths.isdir(checkpoint_lib.checkpoint_dir(workdir)) else [])
       todo = [s for s in steps if not set(suites) <= done.get(s, set()) and s not in damaged]
       for step in todo:
         try:
@@ -299,7 +297,7 @@ def main(argv=None):
     logs.setup_job_logging(f.workdir, "eval")  # the watcher's decisions, on screen and in W/logs/
     config = f.config
     if config is None:
-      config_cli.fail("tfusion-eval", f"no --config and no {os.path.join(f.workdir, 'config.json')}"
+      config_cli.fail("tfusion-eval", f"no --config and no {paths.join(f.workdir, 'config.json')}"
                       " or checkpoint to take the run's config from")
     suites = suites_lib._split(f.suites or config.eval.suites)
     try:

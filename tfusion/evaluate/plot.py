@@ -9,7 +9,7 @@ import argparse
 import math
 import os
 
-from tfusion import metrics as metrics_lib
+from tfusion import metrics as metrics_lib, paths
 
 
 def series(records, key, x="step"):
@@ -55,8 +55,8 @@ def plot_curves(panels, out_path, *, title=None, log=False):
 
 def workdir_panels(workdir, x="step"):
   """Panels for the train losses and every eval metric of a workdir."""
-  train = metrics_lib.read_jsonl(os.path.join(workdir, "metrics", "train.jsonl"))
-  evals = metrics_lib.read_jsonl(os.path.join(workdir, "metrics", "eval.jsonl"))
+  train = metrics_lib.read_jsonl(paths.join(workdir, "metrics", "train.jsonl"))
+  evals = metrics_lib.read_jsonl(paths.join(workdir, "metrics", "eval.jsonl"))
   panels = []
   if train and x == "step":
     panels.append(("train losses", {k: series(train, k) for k in

@@ -2,7 +2,8 @@
 
 An FID-30k evaluation at 250 steps is hours of sampling; the eval job writes each batch of
 generated latents to W/eval_cache/samples/<key>/chunk-<start>.npy as soon as it exists
-(atomically: a temporary file renamed), and a restarted job loads the chunks it finds. The key
+(atomically: a temporary file renamed, or one object write on a gs:// workdir), and a
+restarted job loads the chunks it finds. The key
 is a hash of everything that decides the samples: the params (a cheap fingerprint: per-leaf
 sums), the captions, the sampler settings, the seed and the batch size (rows batched together
 are computed together, so a new batch size is a new set of samples).
@@ -10,10 +11,11 @@ are computed together, so a new batch size is a new set of samples).
 
 import hashlib
 import json
-import os
 import time
 
 import numpy as np
+
+from tfusion import paths
 
 
 def cache_key(**parts):
@@ -38,17 +40,17 @@ class ChunkCache:
   def __init__(self, directory):
     self.directory = directory
     if directory is not None:
-      os.makedirs(directory, exist_ok=True)
+      paths.makedirs(directory)
 
   def _path(self, start):
-    return os.path.join(self.directory, f"chunk-{start:08d}.npy")
+    return paths.join(self.directory, f"chunk-{start:08d}.npy")
 
   def get(self, start, count):
     """The chunk of rows [start, start + count) if it was written whole, else None."""
-    if self.directory is None or not os.path.exists(self._path(start)):
+    if self.directory is None or not paths.exists(self._path(start)):
       return None
     try:
-      chunk = np.load(self._path(start))
+      chunk = paths.load_npy(self._path(start))
     except (OSError, ValueError):  # unreadable: generate it again
       return None
     return chunk if len(chunk) == count else None
@@ -56,9 +58,7 @@ class ChunkCache:
   def put(self, start, chunk):
     if self.directory is None:
       return
-    tmp = self._path(start) + ".tmp.npy"
-    np.save(tmp, np.asarray(chunk))
-    os.replace(tmp, self._path(start))
+    paths.save_npy(self._path(start), np.asarray(chunk))
 
 
 class Progress:

@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 
+from tfusion import paths
 from tfusion.evaluate import sample_cache
 
 SUITES = {}
@@ -165,16 +166,15 @@ class EvalContext:
   def clear_samples(self):
     """Deletes this checkpoint's kept samples (once every suite that reads them is done; with
     several processes, once all are done: each deletes, whichever finds the files)."""
-    import glob
-    import shutil
     import jax
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"tfusion:eval-clear-samples-{self.step}")
     if self.workdir:
-      pattern = os.path.join(self.workdir, "eval_cache", "samples", f"step{self.step}-*")
-      for directory in glob.glob(pattern):
-        shutil.rmtree(directory, ignore_errors=True)
+      root = paths.join(self.workdir, "eval_cache", "samples")
+      for name in (paths.listdir(root) if paths.isdir(root) else []):
+        if name.startswith(f"step{self.step}-"):
+          paths.rmtree(paths.join(root, name))
 
   def _sample_dir(self, captions):
     """Where this checkpoint's samples for `captions` are kept (None without a workdir)."""
@@ -184,7 +184,7 @@ class EvalContext:
     key = sample_cache.cache_key(step=self.step, captions=captions, settings=self.settings,
                                  seed=e.seed, batch_size=e.batch_size,
                                  params=sample_cache.params_fingerprint(self.params))
-    return os.path.join(self.workdir, "eval_cache", "samples", f"step{self.step}-{key}")
+    return paths.join(self.workdir, "eval_cache", "samples", f"step{self.step}-{key}")
 
   @functools.cached_property
   def generated(self):
@@ -255,7 +255,7 @@ def fid_suite(ctx):
   resolution = images.shape[1]
   reference, _ = fid.reference_statistics(
       ctx.require("fid_reference"), network, resolution=resolution,
-      cache_dir=os.path.join(ctx.workdir, "eval_cache"))
+      cache_dir=paths.join(ctx.workdir, "eval_cache"))
   generated = fid.statistics_of_images(images, network, resolution=resolution)
   return {"fid": fid.fid(generated, reference)}
 
