@@ -219,6 +219,32 @@ def test_allowed_pairs_counts_the_mask():
     np.testing.assert_array_equal(got, want)
 
 
+def test_computed_pairs_count_the_blocks_kernels_visit():
+  """Hardware work (reported apart from model FLOPs): the live-block hull of each query block,
+  per row for the Pallas kernels, over the batch's union for chunked; dense computes L^2."""
+  rng = np.random.default_rng(4)
+  length, bq, bk = 96, 16, 32
+  rows = [layouts.random_row(rng, length, num_slots=4, num_patches=9) for _ in range(4)]
+  seg = np.stack([r["segment_ids"] for r in rows])
+  idx = np.stack([r["image_index"] for r in rows])
+  mask = np.asarray(attention.attention_mask(seg, idx))
+  live = mask.reshape(4, length // bq, bq, length // bk, bk).any((2, 4))  # [B, nq, nk]
+
+  def hull(blocks):  # live key blocks from the first to the last, per query block
+    return sum(np.ptp(np.flatnonzero(b)) + 1 for b in blocks if b.any())
+
+  per_row = sum(hull(live[r]) for r in range(4)) * bq * bk
+  union = 4 * hull(live.any(0)) * bq * bk
+  count = lambda impl, **kw: float(attention.computed_pairs(
+      seg, idx, implementation=impl, block_q=bq, block_k=bk, head_dim=16, **kw))
+  assert count("dense") == 4 * length * length
+  with attention.target_platform("gpu"):  # the count of a GPU run, computed here
+    assert count("pallas_gpu") == per_row
+  assert count("chunked") == union
+  allowed = float(np.asarray(attention.allowed_pairs(seg, idx)).sum())
+  assert allowed < per_row <= union < 4 * length * length  # skipping is real
+
+
 def test_dispatch_and_bad_settings(caplog):
   rng = np.random.default_rng(0)
   seg, idx = _layout(rng, 24)

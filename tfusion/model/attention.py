@@ -144,6 +144,50 @@ def allowed_pairs(segment_ids, image_index, *, intra_image="bidirectional"):
   return iv_lib.allowed_pairs(intervals(segment_ids, image_index, intra_image=intra_image))
 
 
+def kernel_blocks(implementation, length, block_q, block_k, head_dim):
+  """The (query, key) block sizes a blocked kernel runs with at sequence length `length`
+  (each kernel clips the configured sizes; see its flash/chunked_attention)."""
+  round_up = lambda x, m: -(-x // m) * m
+  if implementation == "pallas_gpu":
+    from tfusion.model import attention_pallas_gpu  # pylint: disable=g-import-not-at-top
+    plan = attention_pallas_gpu.make_plan(
+        (1, length, 1, head_dim), 1, block_q=min(block_q, attention_pallas_gpu.MAX_BLOCK_Q),
+        block_k=min(block_k, attention_pallas_gpu.MAX_BLOCK_K))
+    return plan.block_q, plan.block_k
+  if implementation == "pallas_tpu":
+    return min(block_q, round_up(length, 8)), min(block_k, round_up(length, 128))
+  return min(block_q, round_up(length, 8)), min(block_k, round_up(length, 8))  # chunked
+
+
+def computed_pairs(segment_ids, image_index, *, intra_image="bidirectional",
+                   implementation="dense", block_q=512, block_k=512, head_dim=None):
+  """(query, key) pairs the attention kernel computes in the forward pass: the hardware's
+  work, float32 scalar summed over the rows (the backward visits the same live blocks).
+
+  dense: every L x L pair. Blocked kernels: each visited (query block, key block) pair counts
+  whole (masked elements inside are computed too): per row for the Pallas kernels, over the
+  union of the batch's rows for `chunked` (its loop bounds are shared). Compare with
+  `allowed_pairs` (model FLOPs): the ratio is the work spent on masked elements.
+
+  Args:
+    segment_ids, image_index: int [B, L] per the batch contract.
+    implementation, block_q, block_k, head_dim: config.model's attention settings.
+  """
+  b, length = segment_ids.shape
+  implementation = resolve_implementation(implementation, head_dim=head_dim)
+  if implementation == "dense":
+    return jnp.float32(b) * length * length
+  bq, bk = kernel_blocks(implementation, length, block_q, block_k, head_dim)
+  lcm = bq * bk // np.gcd(bq, bk)
+  iv = iv_lib.pad_to(intervals(segment_ids, image_index, intra_image=intra_image),
+                     -(-length // lcm) * lcm)
+  first, last = iv_lib.block_ranges(iv.kv_lo, iv.kv_hi, bq, bk)  # [B, query blocks]
+  if implementation == "chunked":  # rows share the loop bounds
+    first, last = first.min(0, keepdims=True), last.max(0, keepdims=True)
+  live = jnp.maximum(last - first + 1, 0).astype(jnp.float32).sum()
+  return live * (b if implementation == "chunked" else 1) * bq * bk
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_once(message):
   logging.warning(message)

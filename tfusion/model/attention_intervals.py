@@ -113,7 +113,9 @@ def block_ranges(lo, hi, block, other_block):
   lo = lo.reshape(b, length // block, block).min(-1)
   hi = hi.reshape(b, length // block, block).max(-1)
   first = lo // other_block
-  last = jnp.where(hi >= lo, hi // other_block, first - 1)
+  # An empty block gets last = -1 (and first >= the block count): a union over rows
+  # (min first, max last; the chunked kernel's shared loop bounds) then ignores it.
+  last = jnp.where(hi >= lo, hi // other_block, -1)
   return first.astype(jnp.int32), last.astype(jnp.int32)
 
 
