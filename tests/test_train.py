@@ -150,3 +150,28 @@ def test_keys_added_by_a_later_version_resume_at_their_default():
   with pytest.raises(train.ConfigMismatchError, match="model.image.representation: checkpoint "
                                                        "has '<missing>', config has 'discrete'"):
     train.check_compatible(stored, config)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_the_log_reports_model_and_hardware_flops(tmp_path, monkeypatch, impl):
+  """MFU counts the pairs the mask allows; HFU the pairs the kernel computes (L^2 for dense,
+  whole visited blocks for chunked), so HFU >= MFU and skipped blocks never inflate MFU."""
+  from tfusion import flops, metrics
+  monkeypatch.setattr(flops, "peak_flops", lambda devices: 1e12)  # CPU has no known peak
+  config = train_utils.tiny_config(**{"train.steps": 2, "checkpoint.every_steps": 100,
+                                      "model.attention_impl": impl,
+                                      "model.attention_block": 16})
+  train.train_and_evaluate(config, str(tmp_path))
+  (*_, r), = [metrics.read_jsonl(os.path.join(tmp_path, "metrics", "train.jsonl"))]
+  length, rows = config.data.seq_len, config.data.batch_size
+  assert 0 < r["attn_pairs"] < r["attn_pairs_computed"] <= rows * length * length
+  if impl == "dense":
+    assert r["attn_pairs_computed"] == rows * length * length
+  else:
+    assert r["attn_pairs_computed"] < rows * length * length  # blocks were skipped
+  dense_part = 12 * config.model.num_layers * config.model.num_heads * config.model.head_dim
+  assert r["hfu"] > r["mfu"] > 0
+  # hfu - mfu is exactly the attention work on masked elements.
+  np.testing.assert_allclose((r["hfu"] - r["mfu"]) * r["step_time"] * 1e12,
+                             dense_part * (r["attn_pairs_computed"] - r["attn_pairs"]),
+                             rtol=1e-4)

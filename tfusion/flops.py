@@ -4,7 +4,9 @@ FLOPs per step = 6 * N_matmul * B * L + 12 * layers * heads * head_dim * P, wher
 the parameter count without the token embedding table (a lookup, not a matmul) and the second
 term is attention (QK^T and AV, forward 4 * H * Dh per (query, key) pair and layer, x3 with the
 backward) over the P pairs the Transfusion mask allows (B * L^2 when not given). Blocks a
-kernel skips, or computes and masks, never change P: the MFU is model FLOPs. The image encoder and
+kernel skips, or computes and masks, never change P: the MFU is model FLOPs. The same formula
+with the pairs the kernel computes (attention.computed_pairs: L^2 for dense, whole visited
+blocks otherwise) gives hardware FLOPs, logged as the HFU; HFU - MFU is work on masked elements. The image encoder and
 decoder are included in N_matmul as if applied per position (exact for the linear layers at
 image positions; an approximation for the U-Net's convolutions).
 """

@@ -100,8 +100,15 @@ def make_train_step(config, mesh, shardings):
                    else batch["image_index"])
     attn_pairs = attention.allowed_pairs(batch["segment_ids"], image_index,
                                          intra_image=config.model.intra_image)
+    # Pairs the kernel computes (whole visited blocks, or L^2 dense): hardware FLOPs, the HFU.
+    m = config.model
+    computed = attention.computed_pairs(
+        batch["segment_ids"], image_index, intra_image=m.intra_image,
+        implementation=m.attention_impl, block_q=m.attention_block, block_k=m.attention_block,
+        head_dim=m.head_dim)
     out = dict(aux, grad_norm=grad_norm, lr=schedule(state["step"]), finite=finite,
-               attn_pairs=attn_pairs.astype(jnp.float32).sum())  # float: > 2^31 on pods
+               attn_pairs=attn_pairs.astype(jnp.float32).sum(),  # float: > 2^31 on pods
+               attn_pairs_computed=computed)
     return new_state, out
 
   batch_shard = sharding.batch_sharding(mesh)
@@ -470,9 +477,12 @@ def _train(config, workdir, mesh, shardings, data_iter, parent, lineage, on_log)
         if peak:  # model FLOPs: attention counted over the pairs the mask allows (last step)
           flops_per_step = flops.train_flops_per_step(config, num_params, last["attn_pairs"])
           scalars["mfu"] = flops_per_step / step_time / peak
+          scalars["hfu"] = flops.train_flops_per_step(
+              config, num_params, last["attn_pairs_computed"]) / step_time / peak
         writer.write(step + 1, scalars)
         eta = (total - step - 1) * step_time
-        mfu = f" mfu {scalars['mfu'] * 100:.1f}%" if peak else ""
+        mfu = (f" mfu {scalars['mfu'] * 100:.1f}% hfu {scalars['hfu'] * 100:.1f}%" if peak
+               else "")
         bad = f" skipped records {bad_records}" if bad_records else ""
         _print(f"step {step + 1}/{total} loss {last['loss']:.4f} text {last['text_loss']:.4f} "
                f"{'image_tokens' if 'image_token_loss' in last else 'image'} "
