@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -18,14 +19,22 @@ SMALL = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, latent_channe
                   norm_num_groups=8)
 
 
+_PLAIN = (("DownEncoderBlock2D",) * 3, ("UpDecoderBlock2D",) * 3)
+# Level attention (Attn*Block2D) at levels that are not mirror images of each other: encoder
+# levels 0 and 2, decoder up_blocks 1 and 2 (deepest first: resolutions 1 and 0).
+_ATTENTION = (("AttnDownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+              ("UpDecoderBlock2D", "AttnUpDecoderBlock2D", "AttnUpDecoderBlock2D"))
+
+
 @pytest.mark.crosscheck
-def test_matches_diffusers_autoencoderkl(tmp_path):
+@pytest.mark.parametrize("block_types", [_PLAIN, _ATTENTION], ids=["plain", "level_attention"])
+def test_matches_diffusers_autoencoderkl(block_types, tmp_path):
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   torch.manual_seed(0)
   ref = diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-      up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
+      in_channels=3, out_channels=3, down_block_types=block_types[0],
+      up_block_types=block_types[1], block_out_channels=(16, 32, 32),
       layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16)
   with torch.no_grad():  # move every tensor (norms included) off its default init
     for p in ref.parameters():
@@ -33,6 +42,8 @@ def test_matches_diffusers_autoencoderkl(tmp_path):
   ref.save_pretrained(str(tmp_path), safe_serialization=True)
   vae = vae_lib.load_vae(str(tmp_path))
   assert vae.scale == pytest.approx(0.18215) and vae.config.downsample_factor == 4
+  assert vae.config.down_attention == tuple(t.startswith("Attn") for t in block_types[0])
+  assert vae.config.up_attention == tuple(t.startswith("Attn") for t in block_types[1])
 
   x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
   z = np.random.default_rng(1).standard_normal((2, 4, 4, 4)).astype(np.float32)
@@ -51,6 +62,35 @@ def test_matches_diffusers_autoencoderkl(tmp_path):
   np.testing.assert_allclose(images, ref_images.numpy(), atol=5e-5)
   # The normalized API applies diffusers' scaling factor.
   np.testing.assert_allclose(vae.encode(x), ref_mean * 0.18215, atol=2e-5)
+  # save_vae writes the block types back: diffusers reads our directory as the same model.
+  vae_lib.save_vae(vae, str(tmp_path / "ours"))
+  again = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "ours")).eval()
+  assert list(again.config.down_block_types) == list(block_types[0])
+  assert list(again.config.up_block_types) == list(block_types[1])
+  ours, theirs = again.state_dict(), ref.state_dict()
+  assert sorted(ours) == sorted(theirs)
+  for key in theirs:
+    np.testing.assert_array_equal(ours[key].numpy(), theirs[key].numpy())
+
+
+def test_unknown_block_types_are_refused_naming_the_file_and_key(tmp_path):
+  vae_lib.save_vae(vae_lib.init_vae(SMALL), str(tmp_path))
+  config_path = os.path.join(tmp_path, vae_lib.CONFIG_FILE)
+  with open(config_path) as f:
+    cfg = json.load(f)
+  for key, kinds, match in (
+      ("up_block_types", ["UpDecoderBlock2D", "AttnUpBlock2D"],
+       r"up_block_types has \['AttnUpBlock2D'\]; supported: \['UpDecoderBlock2D', "
+       r"'AttnUpDecoderBlock2D'\]"),
+      ("down_block_types", ["AttnDownEncoderBlock2D"] * 3,
+       r"down_block_types names 3 blocks for 2 levels \(block_out_channels\)")):
+    with open(config_path, "w") as f:
+      json.dump({**cfg, key: kinds}, f)
+    with pytest.raises(ValueError, match=re.escape(config_path) + ": " + match):
+      vae_lib.load_vae(str(tmp_path))
+  # The plain types spelled out are the default: the same config as one without the keys.
+  assert VAEConfig.from_dict({**cfg, "down_block_types": None}) == VAEConfig.from_dict(cfg) == \
+      SMALL
 
 
 def test_mismatched_weights_list_every_problem(tmp_path):

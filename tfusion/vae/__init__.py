@@ -145,7 +145,7 @@ def load_vae(path):
       raise FileNotFoundError(f"VAE file {needed} does not exist")
   with open(config_path, encoding="utf-8") as f:
     raw = json.load(f)
-  config = VAEConfig.from_dict(raw)
+  config = VAEConfig.from_dict(raw, source=config_path)
   from safetensors.numpy import load_file
   state = load_file(weights_path)
   params = weights_lib.state_dict_to_params(state, abstract_params(config), source=weights_path)

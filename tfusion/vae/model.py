@@ -3,12 +3,17 @@
 Images [N, H, W, 3] in [-1, 1] -> posterior moments (mean, logvar) [N, H/f, W/f, c] and back,
 f = 2 ** (len(block_out_channels) - 1). Module names mirror the diffusers state dict
 ("encoder.down_blocks.0.resnets.1.conv1.weight" lives at
-encoder/down_blocks_0/resnets_1/conv1/kernel), so loading weights is a mechanical mapping
+encoder/down_blocks_0_resnets_1/conv1/kernel), so loading weights is a mechanical mapping
 (tfusion/vae/weights.py).
+
+Levels are diffusers' `DownEncoderBlock2D` / `UpDecoderBlock2D` (resnets only) or their
+`AttnDownEncoderBlock2D` / `AttnUpDecoderBlock2D` variants, which apply the mid block's
+single-head self-attention after every resnet of the level (`down_blocks.{i}.attentions.{j}`;
+taming's non-empty attn_resolutions and LlamaGen's VQ have them in the deepest level).
 """
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -27,39 +32,81 @@ class VAEConfig:
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   mid_block_add_attention: bool = True
+  # diffusers' block type per level (up: deepest first). None = all plain (no level attention);
+  # a tuple of only plain blocks is stored as None, so equal architectures compare equal.
+  down_block_types: Optional[Tuple[str, ...]] = None
+  up_block_types: Optional[Tuple[str, ...]] = None
+
+  def __post_init__(self):
+    for key in _BLOCK_TYPES:
+      kinds = getattr(self, key)
+      if kinds is None:
+        continue
+      kinds = tuple(kinds)
+      _check_block_types(key, kinds, len(self.block_out_channels), "VAEConfig")
+      plain = _BLOCK_TYPES[key][0]
+      object.__setattr__(self, key, None if set(kinds) == {plain} else kinds)
 
   @property
   def downsample_factor(self):
     return 2 ** (len(self.block_out_channels) - 1)
 
+  def _types(self, key):
+    return getattr(self, key) or (_BLOCK_TYPES[key][0],) * len(self.block_out_channels)
+
+  @property
+  def down_attention(self):
+    """Per encoder level (full resolution first): whether it attends after each resnet."""
+    return tuple(t == _BLOCK_TYPES["down_block_types"][1] for t in self._types("down_block_types"))
+
+  @property
+  def up_attention(self):
+    """Per decoder block (deepest first, diffusers' up_blocks order): whether it attends."""
+    return tuple(t == _BLOCK_TYPES["up_block_types"][1] for t in self._types("up_block_types"))
+
   @classmethod
-  def from_dict(cls, d):
-    """From a diffusers config.json dict (other keys ignored; unsupported blocks rejected)."""
-    for key in ("down_block_types", "up_block_types"):
-      kinds = set(d.get(key, []))
-      allowed = {"DownEncoderBlock2D"} if key.startswith("down") else {"UpDecoderBlock2D"}
-      if kinds - allowed:
-        raise ValueError(f"VAE config {key}={sorted(kinds)}: only {sorted(allowed)} are supported")
+  def from_dict(cls, d, source="VAE config"):
+    """From a diffusers config.json dict (other keys ignored; unsupported blocks rejected with
+    an error naming `source`, the config file, and the key)."""
+    for key in _BLOCK_TYPES:
+      if d.get(key) is not None:
+        _check_block_types(key, tuple(d[key]),
+                           len(d.get("block_out_channels") or cls.block_out_channels), source)
     if d.get("act_fn", "silu") != "silu":
-      raise ValueError(f"VAE config act_fn={d['act_fn']!r}: only 'silu' is supported")
+      raise ValueError(f"{source}: act_fn={d['act_fn']!r}: only 'silu' is supported")
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in d.items() if k in names and v is not None}
-    if "block_out_channels" in kwargs:
-      kwargs["block_out_channels"] = tuple(kwargs["block_out_channels"])
+    for key in ("block_out_channels", *_BLOCK_TYPES):
+      if key in kwargs:
+        kwargs[key] = tuple(kwargs[key])
     return cls(**kwargs)
 
   def to_diffusers_dict(self):
-    n = len(self.block_out_channels)
     return {
         "_class_name": "AutoencoderKL", "in_channels": self.in_channels,
-        "out_channels": self.out_channels, "down_block_types": ["DownEncoderBlock2D"] * n,
-        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "out_channels": self.out_channels,
+        "down_block_types": list(self._types("down_block_types")),
+        "up_block_types": list(self._types("up_block_types")),
         "block_out_channels": list(self.block_out_channels),
         "layers_per_block": self.layers_per_block, "act_fn": "silu",
         "latent_channels": self.latent_channels, "norm_num_groups": self.norm_num_groups,
         "use_quant_conv": self.use_quant_conv, "use_post_quant_conv": self.use_post_quant_conv,
         "mid_block_add_attention": self.mid_block_add_attention,
     }
+
+
+# key -> (plain block, block with attention after each resnet), diffusers' names.
+_BLOCK_TYPES = {"down_block_types": ("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+                "up_block_types": ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")}
+
+
+def _check_block_types(key, kinds, levels, source):
+  unknown = sorted(set(kinds) - set(_BLOCK_TYPES[key]))
+  if unknown:
+    raise ValueError(f"{source}: {key} has {unknown}; supported: {list(_BLOCK_TYPES[key])}")
+  if len(kinds) != levels:
+    raise ValueError(f"{source}: {key} names {len(kinds)} blocks for {levels} levels "
+                     "(block_out_channels)")
 
 
 def _conv(features, kernel, name, padding=1, strides=1):
@@ -146,6 +193,8 @@ class Encoder(nn.Module):
       block = f"down_blocks_{i}"
       for j in range(cfg.layers_per_block):
         x = ResnetBlock(ch, cfg.norm_num_groups, name=f"{block}_resnets_{j}")(x)
+        if cfg.down_attention[i]:
+          x = SpatialAttention(cfg.norm_num_groups, name=f"{block}_attentions_{j}")(x)
       if i + 1 < len(cfg.block_out_channels):
         x = Downsample(ch, name=f"{block}_downsamplers_0")(x)
     x = MidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention,
@@ -168,6 +217,8 @@ class Decoder(nn.Module):
       block = f"up_blocks_{i}"
       for j in range(cfg.layers_per_block + 1):
         x = ResnetBlock(ch, cfg.norm_num_groups, name=f"{block}_resnets_{j}")(x)
+        if cfg.up_attention[i]:
+          x = SpatialAttention(cfg.norm_num_groups, name=f"{block}_attentions_{j}")(x)
       if i + 1 < len(channels):
         x = Upsample(ch, name=f"{block}_upsamplers_0")(x)
     x = nn.silu(_norm(cfg.norm_num_groups, "conv_norm_out")(x))

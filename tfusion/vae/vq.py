@@ -157,7 +157,7 @@ def load_vq(path):
                      "(a continuous VAE loads with tfusion.vae.load_vae)")
   if raw.get("norm_type", "group") != "group":  # MoVQ's spatial norm: a different decoder
     raise ValueError(f"{config_path}: norm_type={raw['norm_type']!r}; only 'group' is supported")
-  config = VAEConfig.from_dict(raw)
+  config = VAEConfig.from_dict(raw, source=config_path)
   state = load_file(weights_path)
   if CODEBOOK_KEY not in state:
     raise weights_lib.WeightMismatchError(f"{weights_path} has no codebook ({CODEBOOK_KEY})")

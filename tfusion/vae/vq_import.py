@@ -3,24 +3,28 @@
   tfusion-import-vq SRC OUT_DIR [--format auto|diffusers|taming|llamagen] [--norm-groups 32]
 
 Three source layouts, all the same network (conv_in, levels of ResNet blocks with a strided
-conv between levels, a mid block of resnet-attention-resnet, GroupNorm + SiLU + conv_out, 1x1
-quant_conv, codebook, 1x1 post_quant_conv, the mirrored decoder):
+conv between levels, optionally a self-attention after each resnet of a level, a mid block of
+resnet-attention-resnet, GroupNorm + SiLU + conv_out, 1x1 quant_conv, codebook, 1x1
+post_quant_conv, the mirrored decoder):
 - diffusers `VQModel` directories (config.json + diffusion_pytorch_model.safetensors) are
   already our layout: `load_vq` reads them as they are; importing validates and re-saves.
 - taming-transformers VQGAN (`encoder.down.{i}.block.{j}`, `mid.block_1/attn_1/block_2`,
-  `nin_shortcut`, attention q/k/v/proj_out as 1x1 convs); `decoder.up.{i}` is indexed by
-  resolution level, so it is diffusers' `up_blocks.{n-1-i}`. Lightning checkpoints nest the
-  weights under "state_dict" beside the loss/discriminator (`loss.*`, ignored).
-- LlamaGen's VQ (`encoder.conv_blocks.{i}.res.{j}`, `mid.{0,1,2}`, under "model"): its decoder
-  `conv_blocks.{k}` already run deepest first (= `up_blocks.{k}`), and its codebook is used
-  L2-normalised (codebook_l2_norm): the import stores the normalised codebook and sets
-  `codebook_l2_norm` in config.json.
-The architecture is read from tensor shapes; GroupNorm's group count is not in the weights
-(32 in taming and LlamaGen: --norm-groups). Layouts our Encoder/Decoder cannot express are
-refused naming the file and the keys: attention inside resolution levels (taming's non-empty
-attn_resolutions, e.g. the f16 ImageNet VQGAN; LlamaGen's deepest level), batch norm, 3x3
-conv shortcuts, pooling instead of strided convs, decoder channels that do not mirror the
-encoder's, any tensor we do not know.
+  `nin_shortcut`, attention q/k/v/proj_out as 1x1 convs, level attention
+  `encoder.down.{i}.attn.{j}` / `decoder.up.{i}.attn.{j}` at the attn_resolutions);
+  `decoder.up.{i}` is indexed by resolution level, so it is diffusers' `up_blocks.{n-1-i}`.
+  Lightning checkpoints nest the weights under "state_dict" beside the loss/discriminator
+  (`loss.*`, ignored).
+- LlamaGen's VQ (`encoder.conv_blocks.{i}.res.{j}` / `.attn.{j}`, `mid.{0,1,2}`, under
+  "model"; level attention in the deepest level): its decoder `conv_blocks.{k}` already run
+  deepest first (= `up_blocks.{k}`), and its codebook is used L2-normalised (codebook_l2_norm):
+  the import stores the normalised codebook and sets `codebook_l2_norm` in config.json.
+Level attention becomes diffusers' Attn{Down,Up}*Block2D (`*_blocks.{i}.attentions.{j}`); which
+levels attend is read from the tensors present, the rest of the architecture from tensor
+shapes; GroupNorm's group count is not in the weights (32 in taming and LlamaGen:
+--norm-groups). Layouts our Encoder/Decoder cannot express are refused naming the file and the
+keys: batch norm, 3x3 conv shortcuts, pooling instead of strided convs, decoder channels that
+do not mirror the encoder's, a level whose attention does not follow every resnet, any tensor
+we do not know.
 """
 
 import argparse
@@ -127,9 +131,9 @@ def _rename(state, rules, source):
   """Renames {source name: array} to diffusers names with `rules` (source-specific).
 
   rules(key) -> ("resnet", diffusers prefix, rest) | ("attn", prefix, rest) | ("same", key) |
-  ("level_attention",) | None (unknown). Raises UnsupportedLayoutError listing every refused key.
+  None (unknown). Raises UnsupportedLayoutError listing every refused key.
   """
-  out, unknown, level_attention, problems = {}, [], [], []
+  out, unknown, problems = {}, [], []
   for key, value in state.items():
     if _IGNORED.match(key):
       continue
@@ -139,8 +143,6 @@ def _rename(state, rules, source):
     rule = rules(key)
     if rule is None:
       unknown.append(key)
-    elif rule[0] == "level_attention":
-      level_attention.append(key)
     elif rule[0] == "same":
       out[rule[1]] = value
     elif rule[0] == "attn":
@@ -154,10 +156,6 @@ def _rename(state, rules, source):
       if part:
         out[f"{rule[1]}.{part}"] = value
   lines = []
-  if level_attention:
-    lines.append(f"  attention inside resolution levels ({len(level_attention)} tensors, e.g. "
-                 f"{', '.join(sorted(level_attention)[:4])}): taming's attn_resolutions must be "
-                 "empty; tfusion's Encoder/Decoder has attention only in the mid block")
   if problems:
     lines.append(f"  unsupported ({len(problems)}): {', '.join(sorted(problems)[:8])}")
   if unknown:
@@ -210,8 +208,12 @@ def taming_rules(keys):
     m = re.match(r"^decoder\.up\.(\d+)\.upsample\.conv\.(weight|bias)$", key)
     if m:
       return ("same", f"decoder.up_blocks.{num_up - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}")
-    if re.match(r"^(encoder\.down|decoder\.up)\.\d+\.attn\.\d+\.", key):
-      return ("level_attention",)
+    m = re.match(r"^encoder\.down\.(\d+)\.attn\.(\d+)\.(.*)$", key)  # attn_resolutions
+    if m:
+      return ("attn", f"encoder.down_blocks.{m[1]}.attentions.{m[2]}", m[3])
+    m = re.match(r"^decoder\.up\.(\d+)\.attn\.(\d+)\.(.*)$", key)
+    if m:
+      return ("attn", f"decoder.up_blocks.{num_up - 1 - int(m[1])}.attentions.{m[2]}", m[3])
     return None
 
   return rules
@@ -244,14 +246,35 @@ def llamagen_rules(keys):
     m = re.match(r"^(encoder|decoder)\.mid\.1\.(.*)$", key)
     if m:
       return ("attn", f"{m[1]}.mid_block.attentions.0", m[2])
-    if re.match(r"^(encoder|decoder)\.conv_blocks\.\d+\.attn\.\d+\.", key):
-      return ("level_attention",)
+    m = re.match(r"^encoder\.conv_blocks\.(\d+)\.attn\.(\d+)\.(.*)$", key)  # deepest level
+    if m:
+      return ("attn", f"encoder.down_blocks.{m[1]}.attentions.{m[2]}", m[3])
+    m = re.match(r"^decoder\.conv_blocks\.(\d+)\.attn\.(\d+)\.(.*)$", key)  # conv_blocks.0
+    if m:
+      return ("attn", f"decoder.up_blocks.{m[1]}.attentions.{m[2]}", m[3])
     return None
 
   return rules
 
 
 # ------------------------------------------------------------------- architecture from shapes
+
+
+def _block_types(keys, prefix, levels, resnets, source):
+  """Per level of `prefix`: diffusers' block type, Attn* where the level holds attentions.
+
+  A level attends after every one of its resnets (taming, LlamaGen, diffusers) or not at all."""
+  plain, attn = (("DownEncoderBlock2D", "AttnDownEncoderBlock2D") if "down" in prefix
+                 else ("UpDecoderBlock2D", "AttnUpDecoderBlock2D"))
+  kinds = []
+  for i in range(levels):
+    count = _levels(keys, rf"^{re.escape(prefix)}\.{i}\.attentions\.(\d+)\.")
+    if count not in (0, resnets):
+      raise UnsupportedLayoutError(
+          f"{source}: {prefix}.{i} has attention blocks up to attentions.{count - 1} for "
+          f"{resnets} resnets; the layout needs one after every resnet of a level, or none")
+    kinds.append(attn if count else plain)
+  return tuple(kinds)
 
 
 def infer_config(state, source, norm_num_groups=32):
@@ -280,6 +303,8 @@ def infer_config(state, source, norm_num_groups=32):
     raise UnsupportedLayoutError(
         f"{source}: resnet blocks per level {per_level} (encoder), {per_up_level} (decoder); the "
         "layout needs the same count n per encoder level and n + 1 per decoder level")
+  down_types = _block_types(keys, "encoder.down_blocks", levels, layers, source)
+  up_types = _block_types(keys, "decoder.up_blocks", levels, layers + 1, source)
   channels = tuple(int(shape(f"encoder.down_blocks.{i}.resnets.{layers - 1}.conv2.weight")[0])
                    for i in range(levels))
   decoder = tuple(int(shape(f"decoder.up_blocks.{i}.resnets.{layers}.conv2.weight")[0])
@@ -303,7 +328,8 @@ def infer_config(state, source, norm_num_groups=32):
       out_channels=int(shape("decoder.conv_out.weight")[0]),
       block_out_channels=channels, layers_per_block=layers,
       latent_channels=int(shape("encoder.conv_out.weight")[0]), norm_num_groups=norm_num_groups,
-      mid_block_add_attention=any(k.startswith("encoder.mid_block.attentions.0.") for k in keys))
+      mid_block_add_attention=any(k.startswith("encoder.mid_block.attentions.0.") for k in keys),
+      down_block_types=down_types, up_block_types=up_types)
   return config, num_codes, code_dim
 
 
