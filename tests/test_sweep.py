@@ -156,6 +156,141 @@ def test_paper_and_demo_specs_expand():
   assert len(demo) == 16 and len({r.family for r in demo}) == 2
 
 
+# ------------------------------------------------------------- a family with its own base
+
+DEMO_SIZE = {"model.d_model": 32, "model.num_layers": 1, "model.num_heads": 2,
+             "model.num_kv_heads": 2, "model.head_dim": 16, "model.mlp_dim": 64}
+
+
+def chameleon_spec(**changes):
+  """The demo base with a continuous and a discrete (own base) family, one size, one budget."""
+  spec = {"name": "cham", "base_config": "demo", "base_overrides": {"data.batch_size": 4},
+          "families": {"tf": {}, "ch": {"model.image.representation": "discrete"}},
+          "sizes": {"s": dict(DEMO_SIZE)}, "budgets": {"c": {"flops": 2e10}},
+          "eval_suites": "ppl"}
+  spec.update(copy.deepcopy(changes))
+  return spec
+
+
+def test_discrete_family_is_expanded_and_counted_against_its_own_base():
+  from tfusion import flops
+  from tfusion.demo import config as demo_config
+  spec = chameleon_spec()
+  bases = spec_lib.family_bases(spec)
+  discrete = demo_config.get_config(representation="discrete")
+  continuous = demo_config.get_config()
+  assert bases["ch"].model.vocab_size == discrete.model.vocab_size != continuous.model.vocab_size
+  assert bases["ch"].model.image.latent_size == discrete.model.image.latent_size == 4
+  assert bases["ch"].demo.representation == "discrete"
+  assert bases["tf"].model.vocab_size == continuous.model.vocab_size
+  assert bases["tf"].demo.representation == "continuous"
+  tf, ch = spec_lib.expand(spec)
+  assert (tf.family, ch.family) == ("tf", "ch")
+  config = spec_lib.run_config(bases["ch"], ch)
+  assert config.model.image.representation == "discrete"
+  assert config.model.vocab_size == discrete.model.vocab_size
+  assert config.model.image.codebook_size == discrete.model.image.codebook_size
+  assert config.model.d_model == 32 and config.data.batch_size == 4
+  assert ch.params == spec_lib.count_params(config)
+  assert ch.params_nonembed == ch.params - discrete.model.vocab_size * 32
+  per_step = flops.train_flops_per_step(config, ch.params)
+  assert ch.steps == int(2e10 // per_step) and ch.flops == ch.steps * per_step
+  # The continuous base with the discrete override would count other FLOPs (its vocabulary).
+  wrong = spec_lib.run_config(continuous, ch)
+  assert flops.train_flops_per_step(wrong, spec_lib.count_params(wrong)) != per_step
+  assert spec_lib.run_config(bases["tf"], tf).model.vocab_size == continuous.model.vocab_size
+  # Keys of a family are checked against its own base.
+  text = problems_of(chameleon_spec(families={"ch": {"model.image.representation": "discrete",
+                                                     "model.image.codebok_size": 8}}))
+  assert "families.ch" in text and "'model.image.codebook_size'" in text
+
+
+def test_discrete_family_data_in_its_own_root(tmp_path, monkeypatch, capsys):
+  from tfusion.demo import main as demo_main
+  S = str(tmp_path / "S")
+  spec = chameleon_spec()
+  bases = spec_lib.family_bases(spec)
+  extra = sweep.family_data_overrides(spec, S, bases)
+  disc = os.path.join(S, "discrete")
+  assert extra["ch"]["data.tokenizer"] == os.path.join(disc, "data", "tokenizer.model")
+  assert extra["ch"]["vae.path"] == os.path.join(disc, "vae")
+  assert extra["tf"]["data.tokenizer"] == os.path.join(S, "data", "tokenizer.model")
+  assert extra["tf"]["vae.path"] == os.path.join(S, "vae")
+  assert set(extra["ch"]) == set(extra["tf"])
+  for key, value in extra["ch"].items():
+    assert value.startswith(disc + os.sep), key
+    assert value.replace(disc, S) == extra["tf"][key], key
+  for value in extra["tf"].values():
+    assert not value.startswith(disc)
+
+  # --prepare: each representation's stages, with its own config, in its own root.
+  calls = []
+  for stage in ("stage_tokenizer", "stage_vae", "stage_records"):
+    monkeypatch.setattr(demo_main, stage, lambda config, p, stage=stage: calls.append(
+        (stage, config.model.image.representation, config.model.vocab_size,
+         config.data.batch_size, p["data"], p["vae"])))
+  sweep.prepare_demo(spec, bases, S, log=lambda m: None)
+  by_rep = {}
+  for stage, rep, vocab, rows, data, vae in calls:
+    by_rep.setdefault(rep, set()).add((vocab, rows, data, vae))
+  assert by_rep == {
+      "continuous": {(bases["tf"].model.vocab_size, 4, os.path.join(S, "data"),
+                      os.path.join(S, "vae"))},
+      "discrete": {(bases["ch"].model.vocab_size, 4, os.path.join(disc, "data"),
+                    os.path.join(disc, "vae"))}}
+  assert len(calls) == 6
+
+  # The launch commands build each family's base (tfusion-train --config) and paths.
+  from tfusion import configlib
+  path = write_spec(tmp_path / "spec.py", spec)
+  capsys.readouterr()
+  assert sweep.main([path, "--dir", S, "--print-launch", "tpu"]) == 0
+  lines = [line for line in capsys.readouterr().out.splitlines() if "tpu_pod.sh" in line]
+  ch_line = [line for line in lines if "/runs/ch-" in line][0]
+  tf_line = [line for line in lines if "/runs/tf-" in line][0]
+  assert "--config tfusion/scaling/demo_base.py:discrete" in ch_line
+  assert f"--config.vae.path={os.path.join(disc, 'vae')}" in ch_line.split()
+  assert "--config tfusion/demo/config.py " in tf_line
+  assert f"--config.vae.path={os.path.join(S, 'vae')}" in tf_line.split()
+  built = configlib.load_config_file(
+      os.path.join(spec_lib.repo_root(), "tfusion/scaling/demo_base.py:discrete"))
+  assert built.to_json(sort_keys=True) == bases["ch"].to_json(sort_keys=True)
+
+
+def test_spec_without_discrete_families_keeps_fingerprint_and_paths(tmp_path):
+  # experiments/sweeps/demo.py's fingerprint before families could have their own base: sweep
+  # directories made by it must still be recognised (update only with a deliberate change of
+  # demo.py's grid, which makes old directories another spec's).
+  spec = spec_lib.load(os.path.join(spec_lib.repo_root(), "experiments", "sweeps", "demo.py"))
+  runs = spec_lib.expand(spec)
+  assert spec_lib.fingerprint(spec, runs) == "14437c5e817bad8b"
+  assert all(spec_lib.own_base(spec, f) is None for f in spec["families"])
+  S = str(tmp_path / "S")
+  bases = spec_lib.family_bases(spec)
+  assert len({id(b) for b in bases.values()}) == 1
+  for extra in sweep.family_data_overrides(spec, S, bases).values():
+    assert extra == sweep.data_overrides(spec, S, spec_lib.load_base_config(spec))
+    assert extra["vae.path"] == os.path.join(S, "vae")
+    assert extra["data.tokenizer"] == os.path.join(S, "data", "tokenizer.model")
+  # The same for the chameleon spec's continuous family alone.
+  tf_only = chameleon_spec(families={"tf": {}})
+  assert sweep.family_data_overrides(tf_only, S, spec_lib.family_bases(tf_only))["tf"] == \
+      sweep.data_overrides(tf_only, S, spec_lib.load_base_config(tf_only))
+
+
+def test_bad_representation_is_one_clear_error():
+  text = problems_of(chameleon_spec(families={"tf": {}, "ch": {
+      "model.image.representation": "discret"}}))
+  assert text.splitlines() == [
+      "families.ch: model.image.representation must be one of ('continuous', 'discrete'), "
+      "got 'discret'"]
+  # A non-demo base has no own bases, but the value is checked the same way.
+  text = problems_of(make_spec(families={"x": {"model.image.representation": "vq"}}))
+  assert text.splitlines() == [
+      "families.x: model.image.representation must be one of ('continuous', 'discrete'), "
+      "got 'vq'"]
+
+
 # ------------------------------------------------------------------------ plan and launch
 
 

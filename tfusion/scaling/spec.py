@@ -26,6 +26,17 @@ parameter count of the run's model (jax.eval_shape) and attention counted densel
 isoFLOP runs of different sizes land within one step's FLOPs of C. `Run.flops` counts the same
 way; `Run.flops_6nd` is the paper's compute axis, 6 * N * D with N the parameters without the
 token embedding table (as tfusion/flops.py counts them) and D the run's tokens.
+
+A family with its own base (the Chameleon baseline): with base_config "demo", a family (or the
+base_overrides) that sets `model.image.representation` gets
+`tfusion.demo.config.get_config(representation=...)` as its base, because the demo's
+vocabulary, code grid, VQ-VAE and eval settings follow the representation
+(`family_base`, `representation_of`). Its runs are validated, expanded and FLOP-counted
+against that base, and the runner prepares its data in a root of its own (S/<representation>,
+e.g. S/discrete/{data,vae}; tfusion/scaling/sweep.py `demo_root`); continuous families keep
+S/data and S/vae. Other base configs are one config for every family: a discrete family there
+sets the discrete keys itself (model.image.representation, model.image.codebook_size,
+model.vocab_size, model.image.latent_size, vae.path, its records), as any override.
 """
 
 import copy
@@ -41,6 +52,7 @@ import ml_collections
 from tfusion import configlib
 
 DEMO = "demo"  # base_config marker: the demo's config, its data prepared in the sweep dir
+REPRESENTATION_KEY = "model.image.representation"  # a demo family's own base follows it
 
 TOP_KEYS = ("name", "description", "base_config", "base_overrides", "families", "sizes",
             "budgets", "schedule", "eval_suites", "only")
@@ -121,16 +133,75 @@ def base_config_path(spec):
   return path, arg
 
 
-def load_base_config(spec):
-  """The base config (a ConfigDict) the runs' overrides apply to."""
+def load_base_config(spec, representation=None):
+  """The base config (a ConfigDict) the runs' overrides apply to. For base_config "demo",
+  `representation` (None: the demo's default) chooses the demo config built for it; other
+  bases ignore it (their families set the discrete keys themselves)."""
   if spec["base_config"] == DEMO:
     from tfusion.demo import config as demo_config
-    return demo_config.get_config()
+    if representation is None:
+      return demo_config.get_config()
+    try:
+      return demo_config.get_config(representation=representation)
+    except ValueError as e:
+      raise SweepSpecError(f"{REPRESENTATION_KEY}: {e}") from None
   path, arg = base_config_path(spec)
   try:
     return configlib.load_config_file(f"{path}:{arg}" if arg else path)
   except (FileNotFoundError, ValueError) as e:
     raise SweepSpecError(f"base_config {spec['base_config']!r}: {e}") from None
+
+
+def representation_of(spec, family):
+  """The `model.image.representation` a family's runs set (the family's override, else the
+  base_overrides'), or None when neither sets it."""
+  spec = as_dict(spec)
+  for overrides in (spec["families"].get(family), spec.get("base_overrides")):
+    value = flatten(overrides).get(REPRESENTATION_KEY)
+    if value is not None:
+      return value
+  return None
+
+
+def own_base(spec, family):
+  """The representation whose demo config is this family's own base, or None when the family
+  uses the spec's base (a non-demo base_config, or no representation set)."""
+  if as_dict(spec)["base_config"] != DEMO:
+    return None
+  return representation_of(spec, family)
+
+
+def family_bases(spec, base=None):
+  """{family: base config}: `base` (loaded unless given) for families without their own base;
+  for base_config "demo", the demo config built for a family's representation. A bad
+  representation is one SweepSpecError naming the families that set it."""
+  spec = as_dict(spec)
+  if base is None:
+    base = load_base_config(spec)
+  from tfusion import discrete
+  out, built, problems = {}, {}, []
+  for family in spec["families"]:
+    rep = representation_of(spec, family)
+    if rep is not None and rep not in discrete.REPRESENTATIONS:
+      problems.append(f"families.{family}: {REPRESENTATION_KEY} must be one of "
+                      f"{discrete.REPRESENTATIONS}, got {rep!r}")
+      continue
+    rep = own_base(spec, family)
+    if rep is None:
+      out[family] = base
+      continue
+    if rep not in built:
+      try:
+        built[rep] = load_base_config(spec, rep)
+      except SweepSpecError as e:
+        built[rep] = e
+    if isinstance(built[rep], SweepSpecError):
+      problems.append(f"families.{family}: {built[rep]}")
+    else:
+      out[family] = built[rep]
+  if problems:
+    raise SweepSpecError(problems)
+  return out
 
 
 # --------------------------------------------------------------------------- overrides
@@ -254,23 +325,34 @@ def _structure_problems(spec):
   return problems
 
 
-def _override_problems(spec, base):
+def _override_problems(spec, bases):
+  """Every override dict checked against the base(s) it applies to: a family's against its own
+  base, the shared ones (base_overrides, sizes, budgets) against every distinct base."""
   problems = []
+  shared = list({id(b): b for b in bases.values()}.values())
   for where, overrides in _override_sources(spec):
-    trial = copy.deepcopy(base)
-    for key, value in overrides.items():
-      if key in DERIVED_KEYS:
-        problems.append(f"{where}: {key} is derived from the budget by the schedule; "
-                        "remove it (set schedule.* or the budget instead)")
-        continue
-      problem = key_problem(base, key)
-      if problem:
-        problems.append(f"{where}: {problem}")
-        continue
-      try:
-        apply_overrides(trial, {key: value})
-      except (TypeError, ValueError) as e:
-        problems.append(f"{where}: {key}={value!r}: {str(e).splitlines()[0]}")
+    group, _, name = where.partition(".")
+    for base in ([bases[name]] if group == "families" else shared):
+      problems += _overrides_against(where, overrides, base)
+  return list(dict.fromkeys(problems))  # one line per problem, not per base
+
+
+def _overrides_against(where, overrides, base):
+  problems = []
+  trial = copy.deepcopy(base)
+  for key, value in overrides.items():
+    if key in DERIVED_KEYS:
+      problems.append(f"{where}: {key} is derived from the budget by the schedule; "
+                      "remove it (set schedule.* or the budget instead)")
+      continue
+    problem = key_problem(base, key)
+    if problem:
+      problems.append(f"{where}: {problem}")
+      continue
+    try:
+      apply_overrides(trial, {key: value})
+    except (TypeError, ValueError) as e:
+      problems.append(f"{where}: {key}={value!r}: {str(e).splitlines()[0]}")
   return problems
 
 
@@ -286,17 +368,16 @@ def _suite_problems(spec):
 
 def validate(spec, base=None):
   """Raises SweepSpecError (one line per problem) unless the spec's structure, keys and
-  suites are sound. Returns the base config (loaded unless given)."""
+  suites are sound. Returns {family: base config} (family_bases; `base` loaded unless given)."""
   spec = as_dict(spec)
   problems = _structure_problems(spec)
   if problems:
     raise SweepSpecError(problems)
-  if base is None:
-    base = load_base_config(spec)
-  problems = _override_problems(spec, base) + _suite_problems(spec)
+  bases = family_bases(spec, base)
+  problems = _override_problems(spec, bases) + _suite_problems(spec)
   if problems:
     raise SweepSpecError(problems)
-  return base
+  return bases
 
 
 # ---------------------------------------------------------------------------- expansion
@@ -317,10 +398,11 @@ def expand(spec, base=None):
   """-> [Run] of the spec in family, size, budget order. Validates first (SweepSpecError)."""
   from tfusion import flops as flops_lib
   spec = as_dict(spec)
-  base = validate(spec, base)
+  bases = validate(spec, base)
   schedule = schedule_of(spec)
   runs, problems, seen = [], [], {}
   for family, family_overrides in spec["families"].items():
+    base = bases[family]
     for size, size_overrides in spec["sizes"].items():
       for budget_name, budget in spec["budgets"].items():
         name = f"{family}-{size}-{budget_name}"

@@ -11,7 +11,9 @@ Runs a sweep spec (experiments/sweeps/*.py, tfusion/scaling/spec.py) in the swee
                   run, training through launch/slurm.sbatch, then tfusion-eval --once) or one
                   launch/tpu_pod.sh command per run; with FLOPs per run and the total
   --collect       rebuilds S/runs.jsonl (tfusion/scaling/registry.py) and lists what is missing
-  --prepare       only the demo's data (base_config "demo"): S/data and S/vae
+  --prepare       only the demo's data (base_config "demo"): S/data and S/vae, and for families
+                  with another representation (spec.py: a family's own base) S/<representation>/
+                  {data,vae} (e.g. S/discrete: its tokenizer, VQ-VAE and code records)
 `--only GLOB,...` restricts any action to the runs whose names match (fnmatch).
 
 S/sweep.json records the spec's name, fingerprint and expanded runs (written by --run, --collect
@@ -111,20 +113,37 @@ def format_plan(runs, mfu=MFU, prefix=""):
 # --------------------------------------------------------------------------------- launch
 
 
-def data_overrides(spec, sweep_dir, base):
-  """Path keys the runner adds to every run: for base_config "demo", the demo's data and VAE
-  inside the sweep directory (tfusion/demo/main.py configure_run); else none."""
+def demo_root(sweep_dir, representation=None):
+  """Where the demo's data for a representation lives: the sweep directory itself (S/data,
+  S/vae) for the default (None) and continuous, S/<representation> for the others."""
+  if representation in (None, "continuous"):
+    return sweep_dir
+  return os.path.join(sweep_dir, representation)
+
+
+def data_overrides(spec, sweep_dir, base, representation=None):
+  """Path keys the runner adds to the runs of one base: for base_config "demo", the demo's data
+  and VAE in demo_root(sweep_dir, representation) (tfusion/demo/main.py configure_run); else
+  none."""
   if spec["base_config"] != spec_lib.DEMO:
     return {}
   from tfusion import configlib
   from tfusion.demo import main as demo_main
-  configured = demo_main.configure_run(copy.deepcopy(base), demo_main.paths(sweep_dir))
+  configured = demo_main.configure_run(copy.deepcopy(base),
+                                       demo_main.paths(demo_root(sweep_dir, representation)))
   out = {}
   for key in configlib.PATH_KEYS:
     before, after = _get(base, key), _get(configured, key)
     if after != before:
       out[key] = after
   return out
+
+
+def family_data_overrides(spec, sweep_dir, bases):
+  """{family: data_overrides} for bases = spec_lib.family_bases(spec): each family's paths
+  point at its own base's prepared root."""
+  return {family: data_overrides(spec, sweep_dir, base, spec_lib.own_base(spec, family))
+          for family, base in bases.items()}
 
 
 def _get(config, key):
@@ -141,8 +160,14 @@ def _flag_value(value):
 
 
 def train_args(spec, run, sweep_dir, extra):
-  """tfusion-train's arguments for one run (--config first: ml_collections wants it so)."""
+  """tfusion-train's arguments for one run (--config first: ml_collections wants it so). A
+  demo family with its own representation gets tfusion/scaling/demo_base.py:<representation>
+  (the demo config takes no such arg from --config)."""
   path, arg = spec_lib.base_config_path(spec)
+  rep = spec_lib.own_base(spec, run.family)
+  if rep is not None:
+    from tfusion.scaling import demo_base
+    path, arg = demo_base.__file__, rep
   if os.path.isabs(path) and path.startswith(spec_lib.repo_root() + os.sep):
     path = os.path.relpath(path, spec_lib.repo_root())  # launchers run from the repo root
   args = ["--config", f"{path}:{arg}" if arg else path,
@@ -154,6 +179,13 @@ def train_args(spec, run, sweep_dir, extra):
 
 def _quoted(args):
   return " ".join(shlex.quote(a) for a in args)
+
+
+def _extra(extra, run):
+  """extra is {dotted key: value} for every run, or {family: {dotted key: value}}."""
+  if run.family in extra and isinstance(extra[run.family], dict):
+    return extra[run.family]
+  return extra
 
 
 def format_slurm(spec, runs, sweep_dir, fingerprint, extra, mfu=MFU):
@@ -185,7 +217,7 @@ def format_slurm(spec, runs, sweep_dir, fingerprint, extra, mfu=MFU):
     lines += [f"  {i})  # {run.name}: {human(run.params)} params, {human(run.tokens)} tokens, "
               f"{run.flops:.3g} FLOPs",
               f"    W={shlex.quote(workdir)}; STEPS={run.steps}",
-              f"    TRAIN=({_quoted(train_args(spec, run, sweep_dir, extra))}) ;;"]
+              f"    TRAIN=({_quoted(train_args(spec, run, sweep_dir, _extra(extra, run)))}) ;;"]
   lines += [
       '  *) echo "no run for array task ${SLURM_ARRAY_TASK_ID}" >&2; exit 2 ;;',
       "esac",
@@ -215,7 +247,7 @@ def format_tpu(spec, runs, sweep_dir, fingerprint, extra, mfu=MFU):
     lines += [f"# {run.name}: {human(run.params)} params, {human(run.tokens)} tokens, "
               f"{run.flops:.3g} FLOPs",
               'launch/tpu_pod.sh --tpu "$TPU" --zone "$ZONE" -- '
-              + _quoted(train_args(spec, run, sweep_dir, extra))]
+              + _quoted(train_args(spec, run, sweep_dir, _extra(extra, run)))]
   if suites:
     lines.append("# Evaluation, on a machine that sees the workdirs (one host is enough):")
     for run in runs:
@@ -227,17 +259,25 @@ def format_tpu(spec, runs, sweep_dir, fingerprint, extra, mfu=MFU):
 # ---------------------------------------------------------------------------------- local
 
 
-def prepare_demo(spec, base, sweep_dir, log=say):
-  """The demo's tokenizer, VAE and records in S/data and S/vae (each stage kept when done)."""
+def prepare_demo(spec, bases, sweep_dir, log=say):
+  """The demo's tokenizer, VAE (a VQ-VAE for discrete) and records of each distinct base of
+  bases = spec_lib.family_bases(spec) in its demo_root: S/data and S/vae for the continuous
+  families, S/<representation>/{data,vae} for the others (each stage kept when done; a root
+  holding another representation's data is refused, demo_main.check_representation)."""
   from tfusion.demo import main as demo_main
   demo_main.check_writable(sweep_dir)
-  config = spec_lib.apply_overrides(copy.deepcopy(base),
-                                    spec_lib.flatten(spec.get("base_overrides")))
-  p = demo_main.paths(sweep_dir)
-  log(f"preparing the demo's data in {p['data']} and {p['vae']}")
-  demo_main.stage_tokenizer(config, p)
-  demo_main.stage_vae(config, p)
-  demo_main.stage_records(config, p)
+  roots = {}
+  for family, base in bases.items():
+    roots.setdefault(demo_root(sweep_dir, spec_lib.own_base(spec, family)), base)
+  for root, base in roots.items():
+    config = spec_lib.apply_overrides(copy.deepcopy(base),
+                                      spec_lib.flatten(spec.get("base_overrides")))
+    p = demo_main.paths(root)
+    demo_main.check_representation(config, root, p)
+    log(f"preparing the demo's data in {p['data']} and {p['vae']}")
+    demo_main.stage_tokenizer(config, p)
+    demo_main.stage_vae(config, p)
+    demo_main.stage_records(config, p)
 
 
 def is_done(workdir, steps, suites):
@@ -255,13 +295,13 @@ def run_local(spec, runs, sweep_dir, *, log=say):
   "evaluated", "stopped"}: run names (stopped: the run a Ctrl-C or SIGTERM ended, or None)."""
   from tfusion import configlib, train
   from tfusion.evaluate import job
-  base = spec_lib.load_base_config(spec)
+  bases = spec_lib.family_bases(spec)
   suites = spec_lib.suites_of(spec)
   if spec["base_config"] == spec_lib.DEMO:
     from tfusion.demo import suites as demo_suites
     demo_suites.register()
-    prepare_demo(spec, base, sweep_dir, log=log)
-  extra = data_overrides(spec, sweep_dir, base)
+    prepare_demo(spec, {r.family: bases[r.family] for r in runs}, sweep_dir, log=log)
+  extras = family_data_overrides(spec, sweep_dir, bases)
   out = {"skipped": [], "trained": [], "evaluated": [], "stopped": None}
   for i, run in enumerate(runs):
     workdir = registry.run_dir(sweep_dir, run.name)
@@ -270,7 +310,8 @@ def run_local(spec, runs, sweep_dir, *, log=say):
       log(f"{where}: done (final step {run.steps} evaluated), skipped")
       out["skipped"].append(run.name)
       continue
-    config = spec_lib.apply_overrides(spec_lib.run_config(base, run), extra)
+    config = spec_lib.apply_overrides(spec_lib.run_config(bases[run.family], run),
+                                      extras[run.family])
     config = configlib.absolute_paths(config)
     start = time.perf_counter()
     if run.steps not in registry.checkpoint_steps(workdir):
@@ -341,8 +382,7 @@ def main(argv=None):
     return _error(e)
 
   if args.print_launch:
-    base = spec_lib.load_base_config(spec)
-    extra = data_overrides(spec, args.dir, base)
+    extra = family_data_overrides(spec, args.dir, spec_lib.family_bases(spec))
     fmt = format_slurm if args.print_launch == "slurm" else format_tpu
     print(fmt(spec, selected, args.dir, fingerprint, extra, args.mfu))
     return 0
@@ -350,7 +390,8 @@ def main(argv=None):
     if spec["base_config"] != spec_lib.DEMO:
       print(f"{PROG}: nothing to prepare: base_config {spec['base_config']!r} brings its own data")
       return 0
-    prepare_demo(spec, spec_lib.load_base_config(spec), args.dir)
+    bases = spec_lib.family_bases(spec)
+    prepare_demo(spec, {r.family: bases[r.family] for r in selected}, args.dir)
     return 0
   if args.collect:
     rows, missing = registry.collect(args.dir)
