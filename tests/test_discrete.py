@@ -367,6 +367,37 @@ def test_guidance_scale_one_is_conditional_sampling(gen):
   assert any((g != p).any() for g, p in zip(guided, plain)), "guidance must change samples"
 
 
+class _Ids:
+  """A tokenizer stand-in whose captions are already ids ("5 6 7" -> [5, 6, 7])."""
+
+  def encode(self, text):
+    return [int(t) for t in text.split()]
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (0.5, 3)])
+def test_eval_draws_codes_with_the_configured_temperature_and_top_k(tiny, gen, temperature,
+                                                                    top_k):
+  """The eval job's image generation (digits/fid suites) samples codes with
+  config.eval.image_temperature / image_top_k (the demo's 0.7), not a fixed temperature 1."""
+  from tfusion.evaluate import suites as suites_lib
+  config, _, params = tiny
+  config = config.copy_and_resolve_references()
+  config.eval.update(image_temperature=temperature, image_top_k=top_k, guidance_scale=3.0,
+                     batch_size=2, seed=5)
+  ctx = suites_lib.EvalContext(config, params, 1, None)
+  ctx.__dict__.update(generator=gen, tokenizer=_Ids(), image_decoder=lambda codes: codes)
+  got = ctx.generate_images([" ".join(map(str, p)) for p in PROMPTS])
+  assert ctx.settings["temperature"] == temperature and ctx.settings["top_k"] == top_k
+  want = np.concatenate([gen.text_to_codes(PROMPTS[s:s + 2], engine.sample_keys(5, len(
+      PROMPTS[s:s + 2]), start=s), guidance_scale=3.0, temperature=temperature, top_k=top_k)
+                         for s in (0, 2)])
+  np.testing.assert_array_equal(got, want)
+  if temperature == 0:  # greedy: what temperature 1 (the old fixed value) would not give
+    hot = np.concatenate([gen.text_to_codes(PROMPTS[s:s + 2], engine.sample_keys(5, len(
+        PROMPTS[s:s + 2]), start=s), guidance_scale=3.0, temperature=1.0) for s in (0, 2)])
+    assert (hot != got).any()
+
+
 def test_the_context_after_an_image_holds_exactly_n_codes_and_eoi(tiny, gen):
   """Captioning reads codes: the cached caption equals greedy decoding of the full sequence."""
   config, model, params = tiny

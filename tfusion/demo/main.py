@@ -10,7 +10,7 @@ resumes; nothing finished is redone or overwritten):
   6. evaluate   tfusion-eval's suites on the final checkpoint and on the untrained model
   7. report     W/samples.png, W/captions.png, W/curves.png, W/report.md
 `--config.model.image.representation=discrete` is the Chameleon baseline through the same stages:
-a VQ-VAE (256 codes, 8x8 per digit) in W/vae, VQ codes in the records, a causal next-token model
+a VQ-VAE (256 codes, 4x4 per digit) in W/vae, VQ codes in the records, a causal next-token model
 whose generated codes the VQ-VAE decodes for the judge and the digit-FID (tfusion/demo/config.py).
 A workdir holds one representation: a run of the other one there stops with a clear error.
 `--quick` runs every stage with few steps (about three minutes; it still learns: judge accuracy
@@ -129,20 +129,27 @@ def check_representation(config, workdir, p):
                        f"a workdir holds one representation; choose another --workdir")
 
 
-def stage_vae(config, p):
-  if _discrete(config):
-    return stage_vq(config, p)
-  from tfusion import vae as vae_lib
-  from tfusion.vae import train as vae_train
+def _autoencoder_inputs(config):
+  """The training digits in [-1, 1] and the autoencoder architecture (config.demo's): what the KL
+  VAE (continuous) and the VQ-VAE (discrete) are both trained from."""
   from tfusion.vae.model import VAEConfig
-  if os.path.exists(os.path.join(p["vae"], vae_lib.CONFIG_FILE)):
-    say(f"vae: {p['vae']} exists, kept")
-    return
   x, _, _, _ = demo_data.split()
   images = demo_data.upscale(x).astype(np.float32) / 127.5 - 1.0
   cfg = VAEConfig(block_out_channels=tuple(config.demo.vae_channels), layers_per_block=1,
                   latent_channels=config.model.image.latent_channels,
                   norm_num_groups=config.demo.vae_groups, mid_block_add_attention=False)
+  return images, cfg
+
+
+def stage_vae(config, p):
+  if _discrete(config):
+    return stage_vq(config, p)
+  from tfusion import vae as vae_lib
+  from tfusion.vae import train as vae_train
+  if os.path.exists(os.path.join(p["vae"], vae_lib.CONFIG_FILE)):
+    say(f"vae: {p['vae']} exists, kept")
+    return
+  images, cfg = _autoencoder_inputs(config)
   say(f"vae: training {cfg.block_out_channels} ({cfg.downsample_factor}x down) for "
       f"{config.demo.vae_steps} steps on {len(images)} digits")
   vae, report = vae_train.train_vae(
@@ -161,15 +168,10 @@ def stage_vq(config, p):
   """Discrete: a small VQ-VAE (config.model.image.codebook_size codes) -> W/vae."""
   from tfusion import vae as vae_lib
   from tfusion.vae import train_vq, vq as vq_lib
-  from tfusion.vae.model import VAEConfig
   if os.path.exists(os.path.join(p["vae"], vae_lib.CONFIG_FILE)):
     say(f"vae: {p['vae']} exists, kept")
     return
-  x, _, _, _ = demo_data.split()
-  images = demo_data.upscale(x).astype(np.float32) / 127.5 - 1.0
-  cfg = VAEConfig(block_out_channels=tuple(config.demo.vae_channels), layers_per_block=1,
-                  latent_channels=config.model.image.latent_channels,
-                  norm_num_groups=config.demo.vae_groups, mid_block_add_attention=False)
+  images, cfg = _autoencoder_inputs(config)
   num_codes = int(config.model.image.codebook_size)
   say(f"vae: training a VQ-VAE {cfg.block_out_channels} ({cfg.downsample_factor}x down, "
       f"{num_codes} codes) for {config.demo.vae_steps} steps on {len(images)} digits")

@@ -132,9 +132,11 @@ class EvalContext:
     objective = image_lib.sampling_objective(self.config, sampling, where="config.eval.")
     self.settings.update(sampler=sampler, steps=steps, guidance_scale=e.guidance_scale,
                          num_samples=len(captions), **objective.sampling_settings())
-    if discrete_lib.is_discrete(self.config.model):  # codes drawn token by token (no sampler)
+    discrete = discrete_lib.is_discrete(self.config.model)
+    if discrete:  # codes drawn token by token (no sampler); temperature and top-k on the logits
       self.settings.update(sampler="autoregressive", steps=discrete_lib.num_image_tokens(
-          self.config.model))
+          self.config.model), temperature=float(e.get("image_temperature", 1.0)),
+                           top_k=int(e.get("image_top_k", 0)))
     ids = [self.tokenizer.encode(c) for c in captions]
     cache = sample_cache.ChunkCache(self._sample_dir(captions))
     # Recorded, not part of the cache key: chunks do not depend on who drew them.
@@ -152,9 +154,14 @@ class EvalContext:
         progress.update(len(chunk), cached=True)
       else:
         keys = engine.sample_keys(e.seed, len(chunk), start=start)
-        done = np.asarray(self.generator.text_to_image(
-            chunk, keys, sampler=sampler, steps=steps, guidance_scale=e.guidance_scale,
-            sampling=sampling))
+        if discrete:
+          done = np.asarray(self.generator.text_to_codes(
+              chunk, keys, guidance_scale=e.guidance_scale,
+              temperature=self.settings["temperature"], top_k=self.settings["top_k"]))
+        else:
+          done = np.asarray(self.generator.text_to_image(
+              chunk, keys, sampler=sampler, steps=steps, guidance_scale=e.guidance_scale,
+              sampling=sampling))
         cache.put(start, done)
         progress.update(len(chunk))
       latents.append(done)
