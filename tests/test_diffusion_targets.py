@@ -240,9 +240,8 @@ def test_dynamic_thresholding_clips_in_range_estimates_and_shrinks_saturated_one
   assert 0.005 < np.mean(np.abs(out[0]) > 3.0 - 1e-4) < 0.02
 
 
-def test_eval_passes_and_records_the_sampler_settings(monkeypatch, tmp_path):
+def test_eval_passes_and_records_the_sampler_settings(tmp_path):
   from tfusion.evaluate import suites
-  from tfusion.generate import output
   config = configlib.base_config()
   config.eval.update(sampler="ddim", steps=20, timestep_spacing="leading", clip_x0=2.5,
                      batch_size=4)
@@ -254,9 +253,8 @@ def test_eval_passes_and_records_the_sampler_settings(monkeypatch, tmp_path):
       return np.zeros((len(ids), 2, 2, 1), np.float32)
 
   ctx = suites.EvalContext(config, None, 0, str(tmp_path))
-  ctx.__dict__.update(generator=FakeGenerator(), vae=None,
+  ctx.__dict__.update(generator=FakeGenerator(), image_decoder=lambda latents: latents,
                       tokenizer=types.SimpleNamespace(encode=lambda c: [1, 2]))
-  monkeypatch.setattr(output, "decode_latents", lambda vae, latents: latents)
   ctx.generate_images(["a", "b", "c", "d", "e"])
   assert len(calls) == 2
   assert calls[0]["sampling"] == {"x0_threshold": None, "clip_x0": 2.5,

@@ -64,34 +64,18 @@ class EvalContext:
     return tokenizer_lib.load_tokenizer(path)
 
   @functools.cached_property
-  def vae(self):
-    from tfusion import vae as vae_lib
-    if not self.config.vae.path:
-      raise ValueError("config.vae.path is required to decode generated images")
-    return vae_lib.load_vae(self.config.vae.path)
-
-  @functools.cached_property
-  def image_decoder(self):
-    """generated images -> uint8 [N, H, W, 3]: the VAE's decode of latents, or in discrete mode
-    (config.model.image.representation) the VQ-VAE at config.vae.path decoding codes."""
-    from tfusion import discrete as discrete_lib
+  def image_codec(self):
+    """The VAE (latents) or, in discrete mode (config.model.image.representation), the VQ-VAE
+    (codes) at config.vae.path: generate/output.py's ImageCodec."""
     from tfusion.generate import output
-    from tfusion.vae import images as images_lib
-    if not discrete_lib.is_discrete(self.config.model):
-      return lambda latents: output.decode_latents(self.vae, latents)
-    from tfusion.vae import vq as vq_lib
     if not self.config.vae.path:
-      raise ValueError("config.vae.path (the VQ-VAE) is required to decode generated codes")
-    vq = vq_lib.load_vq(self.config.vae.path)
-    discrete_lib.check_codebook(self.config.model, vq.num_codes,
-                                f"the VQ-VAE {self.config.vae.path} (config.vae.path)")
+      raise ValueError("config.vae.path (the VAE, or the VQ-VAE of a discrete model) is "
+                       "required to decode generated images")
+    return output.ImageCodec(self.config.vae.path, self.config)
 
-    def decode(codes, batch_size=16):
-      codes = np.asarray(codes, np.int32)
-      out = [np.asarray(vq.decode_codes(codes[i:i + batch_size], "generated codes"))
-             for i in range(0, len(codes), batch_size)]
-      return images_lib.to_uint8(np.concatenate(out))
-    return decode
+  def image_decoder(self, images):
+    """generated latents or codes -> uint8 [N, H, W, 3]."""
+    return self.image_codec.decode(images)
 
   @functools.cached_property
   def generator(self):
