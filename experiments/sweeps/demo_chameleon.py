@@ -1,6 +1,6 @@
 """Transfusion vs Chameleon at demo scale on CPU: 2 families x 3 sizes x 2 FLOPs budgets.
 
-  tfusion-sweep experiments/sweeps/demo_chameleon.py --dir S --run   # ~25-35 min on 2 cores
+  tfusion-sweep experiments/sweeps/demo_chameleon.py --dir S --run   # 42.5 min on 2 cores
   tfusion-scaling fit S --metric ppl/heldout_text --parity transfusion,chameleon
   tfusion-scaling fit S --metric digit_fid --parity transfusion,chameleon
 
@@ -22,6 +22,10 @@ suite's `t2i_accuracy` (the digit judge on 50 generated digits) and `digit_fid` 
 judge's feature space vs the 297 held-out digits). `loss/image` is NOT comparable (flow MSE vs
 code cross-entropy); `loss/text` (caption loss) is reported but its context differs (latents vs
 codes). Only the final checkpoint of each run is evaluated.
+
+Measured (shared 2-core CPU, other trainings running; BENCHMARKS.md, issue 19): 2553 s in all,
+344 s preparing both data roots, 1126 s for the chameleon runs, 1083 s for the transfusion
+runs (5-23 s of evaluation each). At this scale the slope and parity CIs all include the null.
 """
 
 import ml_collections
