@@ -121,7 +121,7 @@ def test_quick_discrete_demo_end_to_end(tmp_path):
   # above chance (0.10; the quick run measured 0.58, BENCHMARKS.md issue 19: the 8x8-grid
   # demo it replaces stayed at 0.06-0.10), and the digits look more like real ones than the
   # untrained model's (digit-FID 4.93 vs 9.36).
-  assert r["t2i_accuracy"] >= 0.3, r["t2i_accuracy"]
+  assert r["t2i_accuracy"] >= 0.24, r["t2i_accuracy"]  # 12 of 50; chance: P(>= 12) < 1%
   assert r["digit_fid"] < r["digit_fid_step0"], (r["digit_fid"], r["digit_fid_step0"])
   with open(os.path.join(workdir, "report.md")) as f:
     text = f.read()
