@@ -496,6 +496,26 @@ def test_generation_requests_are_checked(tiny, gen):
     engine.Generator(config, params, bad)
 
 
+def test_heldout_total_is_the_training_loss_over_text_and_code_tokens(data):
+  """The loss suite's total for a discrete run is the token-weighted CE over text and image
+  tokens (what training minimises), not text + image_weight * image."""
+  from tfusion.evaluate import heldout_loss
+  c = data_config(data, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
+                  mlp_dim=64, max_len=64)
+  c.eval.update(loss_text=data["text"], loss_image_caption=data["codes"], batch_size=4)
+  model = train_state.build_model(c)
+  params = train_utils.random_params(c)
+  got = heldout_loss.heldout_loss(model, params, c, rows=8, tokenizer=data["tok"])
+  tokens_per_image = GRID[0] * GRID[1]
+  image_tokens = got["loss/images"] * tokens_per_image
+  want = ((got["loss/text"] * got["loss/text_tokens"] + got["loss/image"] * image_tokens)
+          / (got["loss/text_tokens"] + image_tokens))
+  assert got["loss/images"] > 0 and got["loss/text_tokens"] > 0
+  assert got["loss/total"] == pytest.approx(want, rel=1e-5)
+  assert min(got["loss/text"], got["loss/image"]) <= got["loss/total"] <= max(
+      got["loss/text"], got["loss/image"])
+
+
 # --------------------------------------------------------------------------- precompute
 
 

@@ -40,14 +40,15 @@ def heldout_loss(model, params, config, *, rows, tokenizer=None):
 
   Returns {"loss/text", "loss/image", "loss/total", "loss/text_tokens", "loss/images"}: the
   text loss is token-weighted and the image loss image-weighted over all rows (not a mean of
-  batch means); total = text + config.loss.image_weight * image, as in training.
+  batch means); total = text + config.loss.image_weight * image, as in training (discrete
+  images: the mean CE over text and image tokens together, as in training).
   """
   from tfusion.data import pipeline
   c = heldout_config(config)
   image_weight = config.loss.image_weight
   loss_fn = jax.jit(losses.make_loss_fn(model, diffusion.from_config(c), image_weight=image_weight))
   it = pipeline.make_iterator(c, tokenizer=tokenizer)
-  text_sum = image_sum = tokens = images = 0.0
+  text_sum = image_sum = tokens = images = image_tokens = 0.0
   try:
     for i in range(max(1, -(-rows // c.data.batch_size))):
       batch = next(it)
@@ -57,10 +58,14 @@ def heldout_loss(model, params, config, *, rows, tokenizer=None):
       images += float(m["images"])
       text_sum += float(m["text_loss"]) * float(m["text_tokens"])
       image_sum += float(m["image_loss"]) * float(m["images"])
+      image_tokens += float(m.get("image_tokens", 0.0))
   finally:
     it.close()
   text = text_sum / tokens if tokens else float("nan")
   image = image_sum / images if images else float("nan")
-  total = np.nansum([text, image_weight * image])
+  if image_tokens:  # discrete: image_loss is per code token
+    total = (text_sum + image_sum * image_tokens / images) / (tokens + image_tokens)
+  else:
+    total = np.nansum([text, image_weight * image])
   return {"loss/text": text, "loss/image": image, "loss/total": float(total),
           "loss/text_tokens": tokens, "loss/images": images}
