@@ -27,12 +27,7 @@ Total: 900 steps per size and family, ~7-14 min of steps + ~2.5 min overhead per
 
 import ml_collections
 
-
-def _size(d_model, num_layers, num_heads):
-  head_dim = d_model // num_heads
-  return {"model.d_model": d_model, "model.num_layers": num_layers,
-          "model.num_heads": num_heads, "model.num_kv_heads": num_heads,
-          "model.head_dim": head_dim, "model.mlp_dim": 3 * d_model}
+from tfusion.scaling import spec
 
 
 def get_sweep():
@@ -56,10 +51,10 @@ def get_sweep():
           "causal_image": {"model.intra_image": "causal"},
       },
       "sizes": {
-          "s1": _size(32, 2, 2),
-          "s2": _size(64, 2, 4),
-          "s3": _size(96, 3, 4),
-          "s4": _size(128, 4, 4),  # the demo's own model
+          "s1": spec.model_size(32, 2, 2),
+          "s2": spec.model_size(64, 2, 4),
+          "s3": spec.model_size(96, 3, 4),
+          "s4": spec.model_size(128, 4, 4),  # the demo's own model
       },
       "budgets": {
           "0.6M": {"tokens": 300 * positions},

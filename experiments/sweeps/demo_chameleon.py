@@ -30,12 +30,7 @@ runs (5-23 s of evaluation each). At this scale the slope and parity CIs all inc
 
 import ml_collections
 
-
-def _size(d_model, num_layers, num_heads):
-  head_dim = d_model // num_heads
-  return {"model.d_model": d_model, "model.num_layers": num_layers,
-          "model.num_heads": num_heads, "model.num_kv_heads": num_heads,
-          "model.head_dim": head_dim, "model.mlp_dim": 3 * d_model}
+from tfusion.scaling import spec
 
 
 def get_sweep():
@@ -63,9 +58,9 @@ def get_sweep():
           "chameleon": {"model.image.representation": "discrete"},
       },
       "sizes": {
-          "s2": _size(64, 2, 4),
-          "s3": _size(96, 3, 4),
-          "s4": _size(128, 4, 4),  # the demo's own model
+          "s2": spec.model_size(64, 2, 4),
+          "s3": spec.model_size(96, 3, 4),
+          "s4": spec.model_size(128, 4, 4),  # the demo's own model
       },
       "budgets": {
           "1.5T": {"flops": 1.5e12},

@@ -207,6 +207,14 @@ def family_bases(spec, base=None):
 # --------------------------------------------------------------------------- overrides
 
 
+def model_size(d_model, num_layers, num_heads, mlp_ratio=3):
+  """The model keys of one size in a sweep: `num_layers` blocks of width `d_model`, MHA with
+  `num_heads` heads of d_model / num_heads, an MLP of mlp_ratio x d_model."""
+  return {"model.d_model": d_model, "model.num_layers": num_layers,
+          "model.num_heads": num_heads, "model.num_kv_heads": num_heads,
+          "model.head_dim": d_model // num_heads, "model.mlp_dim": mlp_ratio * d_model}
+
+
 def flatten(overrides, prefix=""):
   """{dotted key: value}; nested mappings ({"model": {"d_model": 8}}) become dotted keys."""
   out = {}
