@@ -77,6 +77,7 @@ def test_paper_0_37b_needs_remat_on_v5e():
   assert reports["full"].fits and reports["full"].peak < 8 * aot.GIB
 
 
+@pytest.mark.slow  # trains and compiles: tens of seconds
 def test_blocked_attention_leaves_no_square_array_in_the_compiled_step():
   """The dense reference compiles [*, L, L] scores; chunked attention (blocks < L) must not,
   in the forward or the backward of the real train step."""

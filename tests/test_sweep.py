@@ -399,6 +399,7 @@ def test_registry_rows_from_workdirs(tmp_path):
 # ------------------------------------------------------------------------- local end to end
 
 
+@pytest.mark.slow  # trains and compiles: tens of seconds
 def test_run_trains_evaluates_skips_and_resumes(tmp_path, capsys):
   from tfusion import metrics, train
   data = train_utils.grain_data(tmp_path)
