@@ -147,7 +147,6 @@ def allowed_pairs(segment_ids, image_index, *, intra_image="bidirectional"):
 def kernel_blocks(implementation, length, block_q, block_k, head_dim):
   """The (query, key) block sizes a blocked kernel runs with at sequence length `length`
   (each kernel clips the configured sizes; see its flash/chunked_attention)."""
-  round_up = lambda x, m: -(-x // m) * m
   if implementation == "pallas_gpu":
     from tfusion.model import attention_pallas_gpu  # pylint: disable=g-import-not-at-top
     plan = attention_pallas_gpu.make_plan(
@@ -155,8 +154,10 @@ def kernel_blocks(implementation, length, block_q, block_k, head_dim):
         block_k=min(block_k, attention_pallas_gpu.MAX_BLOCK_K))
     return plan.block_q, plan.block_k
   if implementation == "pallas_tpu":
-    return min(block_q, round_up(length, 8)), min(block_k, round_up(length, 128))
-  return min(block_q, round_up(length, 8)), min(block_k, round_up(length, 8))  # chunked
+    from tfusion.model import attention_pallas_tpu  # pylint: disable=g-import-not-at-top
+    return attention_pallas_tpu.blocks(length, block_q, block_k)
+  from tfusion.model import attention_chunked  # pylint: disable=g-import-not-at-top
+  return attention_chunked.blocks(length, block_q, block_k)
 
 
 def computed_pairs(segment_ids, image_index, *, intra_image="bidirectional",

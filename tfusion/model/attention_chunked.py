@@ -136,6 +136,11 @@ def _backward(q, k, v, iv, out, lse, dout, block_q, block_k):
 _attention = flash_vjp.flash_vjp(_forward, _backward)
 
 
+def blocks(length, block_q, block_k):
+  """The block sizes chunked_attention runs with at `length`: clipped to L rounded up to 8."""
+  return min(block_q, _round_up(length, 8)), min(block_k, _round_up(length, 8))
+
+
 def chunked_attention(q, k, v, iv, *, block_q=512, block_k=512):
   """Masked attention by blocks.
 
@@ -148,8 +153,7 @@ def chunked_attention(q, k, v, iv, *, block_q=512, block_k=512):
   """
   b, length, heads, d = q.shape
   kv_heads = k.shape[2]
-  block_q = min(block_q, _round_up(length, 8))
-  block_k = min(block_k, _round_up(length, 8))
+  block_q, block_k = blocks(length, block_q, block_k)
   padded = _round_up(length, math.lcm(block_q, block_k))
   extra = padded - length
   pad = lambda x: jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))

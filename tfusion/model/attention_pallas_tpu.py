@@ -278,6 +278,13 @@ def check_blocks(block_q, block_k, *, interpret):
                      f"(config.model.attention_block), got block_q={block_q}, block_k={block_k}")
 
 
+def blocks(length, block_q, block_k, *, interpret=False):
+  """The block sizes flash_attention runs with at `length`: clipped to L rounded up to 8, or
+  to 128 for keys on TPU."""
+  return (min(block_q, _round_up(length, 8)),
+          min(block_k, _round_up(length, 8 if interpret else 128)))
+
+
 def flash_attention(q, k, v, iv, *, block_q=512, block_k=512, interpret=False):
   """Masked flash attention.
 
@@ -291,8 +298,7 @@ def flash_attention(q, k, v, iv, *, block_q=512, block_k=512, interpret=False):
     [B, L, H, D] in q's dtype; 0 at queries with no allowed key.
   """
   b, length, heads, d = q.shape
-  block_q = min(block_q, _round_up(length, 8))
-  block_k = min(block_k, _round_up(length, 8 if interpret else 128))
+  block_q, block_k = blocks(length, block_q, block_k, interpret=interpret)
   check_blocks(block_q, block_k, interpret=interpret)
   padded = _round_up(length, math.lcm(block_q, block_k))
   pad = lambda x: jnp.swapaxes(
